@@ -1,0 +1,31 @@
+"""Packaging for steer_fast.
+
+The Triton kernels live in ``kernels/`` in the repository and are installed only as
+``steer_fast.kernels`` (``package_dir``), never as a top-level ``kernels``: that name belongs to the
+Hugging Face kernel-hub package, which transformers probes for (tests/test_packaging.py).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="steer_fast",
+    version="0.1.0",
+    description="Fused Triton kernels for post-block activation steering of Hugging Face models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[*find_packages(include=["steer_fast", "steer_fast.*"]), "steer_fast.kernels"],
+    package_dir={"steer_fast": "steer_fast", "steer_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=4.50",
+        "safetensors>=0.4",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "bench": ["peft>=0.13", "matplotlib>=3.7", "tqdm>=4.60"],
+    },
+    entry_points={"console_scripts": ["steer-fast=steer_fast.cli:main"]},
+)

@@ -1,0 +1,239 @@
+"""post_block_steer: the differentiable op, registered with torch.library.
+
+Two custom ops carry the work, so that torch.compile(fullgraph=True) traces through them without
+a graph break and autograd sees one node per steered block:
+
+    steer_fast::post_block_steer_forward(hidden, residual?, down_weight, up_weight, down_bias?,
+        up_bias?, activation, scale, backend) -> (out, z)
+    steer_fast::post_block_steer_backward(grad_out, out, z, down_weight, up_weight, up_bias?,
+        activation, scale, backend) -> (grad_h, grad_down_weight, grad_up_weight,
+        grad_down_bias, grad_up_bias)
+
+``backend`` inside the ops is already resolved to "triton" or "torch". The autograd formula
+saves ``out`` and z (N x r) and nothing of size N x d beyond ``out``; the gradient of ``hidden``
+and of ``residual`` is the same tensor dh.
+"""
+
+import functools
+import warnings
+from typing import Optional
+
+import torch
+
+from . import torch_backend
+from .validation import (
+    TRITON_DTYPES,
+    check_activation,
+    check_backend,
+    check_inputs,
+    check_scale,
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The Triton kernel module, imported on first use (so TRITON_INTERPRET can be set first)."""
+    from .kernels import post_block_steer as kernels
+
+    return kernels
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether Triton imports here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(hidden: torch.Tensor, backend: str = "auto") -> str:
+    """The backend post_block_steer will run for ``hidden``: "triton" or "torch".
+
+    "auto" takes Triton for CUDA tensors in fp32/bf16/fp16 and the torch path otherwise (CPU
+    tensors, fp64). If Triton cannot be imported on a CUDA machine, "auto" warns once and takes
+    the torch path. An explicit backend is returned as given after checking that it can run:
+    "triton" needs fp32/bf16/fp16 tensors on CUDA, or on the CPU with TRITON_INTERPRET=1 set
+    before steer_fast's kernels are first used.
+    """
+    check_backend(backend)
+    if backend == "auto":
+        if not hidden.is_cuda or hidden.dtype not in TRITON_DTYPES:
+            return "torch"
+        if not triton_available():
+            _warn_no_triton()
+            return "torch"
+        return "triton"
+    if backend == "triton":
+        if hidden.dtype not in TRITON_DTYPES:
+            raise ValueError(
+                f"backend='triton' supports {[str(d) for d in TRITON_DTYPES]}, got hidden of "
+                f"dtype {hidden.dtype}; use backend='torch' for it"
+            )
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package, which is not installed")
+        if not hidden.is_cuda and not _kernels().interpreted():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before the "
+                f"kernels are first used to run them on the CPU; hidden is on {hidden.device}"
+            )
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_triton() -> None:
+    warnings.warn(
+        "steer_fast: triton is not importable, so post_block_steer runs its torch path on CUDA "
+        "tensors (correct, but unfused)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@torch.library.custom_op("steer_fast::post_block_steer_forward", mutates_args=())
+def _forward_op(
+    hidden: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_bias: Optional[torch.Tensor],
+    up_bias: Optional[torch.Tensor],
+    activation: str,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        result = _kernels().post_block_steer_forward(
+            hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale
+        )
+        return result.out, result.z
+    return torch_backend.forward(
+        hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale
+    )
+
+
+@_forward_op.register_fake
+def _forward_fake(
+    hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend
+):
+    out = hidden.new_empty(hidden.shape)
+    z = hidden.new_empty(
+        (*hidden.shape[:-1], down_weight.shape[0]), dtype=torch_backend.z_dtype(hidden.dtype)
+    )
+    return out, z
+
+
+@torch.library.custom_op("steer_fast::post_block_steer_backward", mutates_args=())
+def _backward_op(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    z: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: Optional[torch.Tensor],
+    activation: str,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return tuple(
+            _kernels().post_block_steer_backward(
+                grad_out, out, z, down_weight, up_weight, up_bias, activation, scale
+            )
+        )
+    return torch_backend.backward(
+        grad_out, out, z, down_weight, up_weight, up_bias, activation, scale
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, out, z, down_weight, up_weight, up_bias, activation, scale, backend):
+    rank, hidden_size = down_weight.shape
+    return (
+        out.new_empty(out.shape),
+        down_weight.new_empty((rank, hidden_size)),
+        down_weight.new_empty((hidden_size, rank)),
+        down_weight.new_empty((rank,)),
+        down_weight.new_empty((hidden_size,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend = inputs
+    out, z = output
+    ctx.save_for_backward(out, z, down_weight, up_weight, up_bias)
+    ctx.activation = activation
+    ctx.scale = scale
+    ctx.backend = backend
+    ctx.has_residual = residual is not None
+    ctx.has_down_bias = down_bias is not None
+    ctx.has_up_bias = up_bias is not None
+    ctx.mark_non_differentiable(z)
+
+
+def _backward(ctx, grad_out, grad_z):
+    out, z, down_weight, up_weight, up_bias = ctx.saved_tensors
+    grad_h, grad_down_weight, grad_up_weight, grad_down_bias, grad_up_bias = _backward_op(
+        grad_out, out, z, down_weight, up_weight, up_bias, ctx.activation, ctx.scale, ctx.backend
+    )
+    return (
+        grad_h,
+        grad_h if ctx.has_residual else None,
+        grad_down_weight,
+        grad_up_weight,
+        grad_down_bias if ctx.has_down_bias else None,
+        grad_up_bias if ctx.has_up_bias else None,
+        None,
+        None,
+        None,
+    )
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def post_block_steer(
+    hidden: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_bias: Optional[torch.Tensor] = None,
+    up_bias: Optional[torch.Tensor] = None,
+    *,
+    activation: str = "identity",
+    scale: float = 1.0,
+    residual: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Apply a post-block steering adapter, fused with the block's residual add.
+
+        h   = hidden if residual is None else residual + hidden
+        out = h + scale * (phi(h @ down_weight.T + down_bias) @ up_weight.T + up_bias)
+
+    Args:
+        hidden: [N, d] or [B, T, d], any strides. fp32, bf16, fp16 (fp64 on the torch path).
+        down_weight: [r, d] (the ``nn.Linear(d, r)`` layout), r >= 1.
+        up_weight: [d, r] (the ``nn.Linear(r, d)`` layout).
+        down_bias: [r] or None. up_bias: [d] or None.
+        activation: phi, one of "identity", "relu", "silu", "gelu", "gelu_tanh", "tanh".
+        scale: the steering strength s (any finite real, negative included).
+        residual: the block's skip-connection input, shaped like ``hidden``, or None.
+        backend: "auto", "triton" or "torch"; see ``resolve_backend``.
+
+    Returns:
+        out, shaped like ``hidden`` (contiguous), in its dtype. Differentiable in every tensor
+        argument; matrix products accumulate in fp32 on the Triton path.
+
+    Raises:
+        ValueError: before any kernel launches, for mismatched shapes, dtypes or devices, rank 0,
+            integer dtypes, an unknown activation or backend, or a backend that cannot run here.
+    """
+    check_activation(activation)
+    scale = check_scale(scale)
+    check_backend(backend)
+    check_inputs(hidden, down_weight, up_weight, down_bias, up_bias, residual)
+    backend = resolve_backend(hidden, backend)
+    out, _ = _forward_op(
+        hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend
+    )
+    return out
