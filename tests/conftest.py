@@ -1,0 +1,26 @@
+"""Test setup shared by every test module.
+
+Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET=1 has to be set
+before steer_fast's kernel module is first imported, which is why it happens here. With a GPU
+the same tests run the compiled kernels on CUDA tensors (``DEVICE``).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
