@@ -6,9 +6,15 @@ the same tests run the compiled kernels on CUDA tensors (``DEVICE``).
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Shared helper modules (op_helpers, tiny_models) live beside the tests. Only this folder goes on
+# sys.path, never the repository root (where kernels/ would shadow a top-level "kernels").
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

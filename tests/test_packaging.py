@@ -1,0 +1,69 @@
+"""steer_fast installs its kernels as steer_fast.kernels and leaves transformers' view intact.
+
+transformers treats any importable top-level ``kernels`` as the Hugging Face kernel-hub package
+(``transformers.utils.is_kernels_available``). These checks run in fresh interpreters started
+outside the repository, as a user would.
+"""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import tempfile
+
+import steer_fast
+
+
+def _run(code: str) -> dict:
+    with tempfile.TemporaryDirectory() as cwd:
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _hub_kernels_expected() -> bool:
+    """What is_kernels_available should say: is the real hub package installed, in range?"""
+    from packaging import version
+    from transformers.utils import import_utils
+
+    try:
+        installed = version.parse(importlib.metadata.version("kernels"))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    low = version.parse(import_utils.KERNELS_MIN_VERSION)
+    high = version.parse(import_utils.KERNELS_MAX_VERSION)
+    return low <= installed < high
+
+
+def test_no_top_level_kernels_package():
+    result = _run(
+        "import importlib.util, json, steer_fast.kernels.post_block_steer as k\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(json.dumps({'origin': getattr(spec, 'origin', None), 'kernels': k.__name__}))"
+    )
+    assert result["kernels"] == "steer_fast.kernels.post_block_steer"
+    if result["origin"] is not None:  # only the real hub package may answer to "kernels"
+        assert "steer_fast" not in result["origin"]
+        assert importlib.metadata.version("kernels")
+
+
+def test_distribution_ships_no_top_level_kernels():
+    files = importlib.metadata.files("steer_fast") or []
+    top_level = {str(f).split("/")[0] for f in files}
+    assert "kernels" not in top_level
+
+
+def test_transformers_still_behaves():
+    result = _run(
+        "import json, steer_fast, transformers, torch\n"
+        "from transformers.utils import is_kernels_available\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,"
+        " num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)\n"
+        "model = transformers.LlamaForCausalLM(config)\n"
+        "logits = model(torch.tensor([[1, 2, 3]])).logits\n"
+        "print(json.dumps({'available': is_kernels_available(), 'shape': list(logits.shape)}))"
+    )
+    assert result["shape"] == [1, 3, 64]
+    assert result["available"] == _hub_kernels_expected()
+    assert steer_fast.__version__
