@@ -11,6 +11,7 @@ and the tanh-GELU cubic coefficient 0.044715.
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _tanh(x):
     # Neither libdevice nor a core tl.tanh is available under the interpreter, so tanh is built
@@ -57,7 +58,8 @@ def activation_derivative(z, ACTIVATION: tl.constexpr):
         sig = tl.sigmoid(z)
         da = sig * (1.0 + z * (1.0 - sig))
     elif ACTIVATION == 3:
-        da = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        da = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     elif ACTIVATION == 4:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         da = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (

@@ -24,7 +24,7 @@ Forward (one launch, a program per block of BLOCK_M rows)
     Pass 1 streams h in BLOCK_D column chunks and accumulates z in fp32; pass 2 streams h again
     and writes out. Pass-1 loads are marked evict_last and pass-2 loads evict_first so that on a
     GPU the second read comes from L2 and DRAM sees one read of h and one write of out. When the
-    whole row fits one chunk (d <= 512 at small rank) the program loads h once and keeps it in
+    whole row fits one chunk (d <= 256 at r <= 64) the program loads h once and keeps it in
     registers (SINGLE_PASS).
 
 Backward (three launches)
@@ -337,11 +337,16 @@ def _post_block_steer_backward_cols_kernel(
         a = apply_activation(tl.load(z_ptr + small_offsets, mask=small_mask, other=0.0), ACTIVATION)
 
         grad_h = _dot(grad_z, down, g.to(tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
-        tl.store(grad_hidden_ptr + dense_offsets, grad_h.to(grad_hidden_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            grad_hidden_ptr + dense_offsets, grad_h.to(grad_hidden_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
         # Rebuild h = out - s (a U^T + b_u) instead of having kept it from the forward.
         out = tl.load(out_ptr + dense_offsets, mask=mask, other=0.0)
-        delta = _dot(a, up_t, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
+        delta = _dot(
+            a, up_t, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), OPERAND_DTYPE, INPUT_PRECISION
+        )
         h = out.to(tl.float32) - scale * (delta + up_bias[None, :])
 
         grad_down = _dot(tl.trans(grad_z), h, grad_down, OPERAND_DTYPE, INPUT_PRECISION)
@@ -423,7 +428,7 @@ class ForwardConfig:
 
     block_m: int
     block_d: int
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
 
@@ -436,7 +441,7 @@ class BackwardConfig:
     cols_block_m: int
     cols_block_d: int
     splits: int | None = None
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
 
 
@@ -445,32 +450,45 @@ def padded_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def _max_column_chunk(r_pad: int) -> int:
-    # Keeps the [BLOCK_D, R_PAD] weight tiles at or below 8k elements.
-    return max(16, min(512, 8192 // r_pad))
+# Launch heuristics, keyed on (d, padded rank, dtype), never on the token count. They were
+# chosen by compiling candidate shapes for sm_90 (kernels/compile_check.py reports registers
+# and spills) and keeping the largest tiles that compile without register spills:
+#   forward two-pass  32 x 128, 8 warps: 80 registers (bf16, r <= 64), 128 (fp32, r <= 16);
+#                     fp32 at r_pad >= 32 needs 16 rows; r_pad >= 128 needs 64-column chunks.
+#   forward one-pass  16 x d_pad (d_pad <= 256), 8 warps: 100-204 registers.
+#   rows kernel       32 x 256, 8 warps (64-column chunks for r_pad >= 128).
+#   columns kernel    16 x 64 at r_pad = 16 (100 registers bf16, 128 fp32), 16 x 32 up to
+#                     r_pad = 64 (163 / 245), 16 x 16 beyond (spills 72 B bf16, 408 B fp32 at
+#                     r = 256: the [rows, r] tiles of gz, z and a dominate there).
+# Throughput on a GPU is still to be tuned against these (the L2 reuse of the forward's second
+# pass, and the weight-tile reloads, depend on the row-block height).
+_SINGLE_PASS_MAX_D = 256
 
 
-def default_forward_config(hidden_size: int, rank: int) -> ForwardConfig:
-    """Heuristic forward block shape (d and padded rank decide; the token count never does)."""
+def default_forward_config(
+    hidden_size: int, rank: int, dtype: torch.dtype = torch.bfloat16
+) -> ForwardConfig:
+    """Forward block shape for d = ``hidden_size``, ``rank`` and the storage ``dtype``."""
     r_pad = padded_rank(rank)
-    max_chunk = _max_column_chunk(r_pad)
     d_pad = max(16, triton.next_power_of_2(hidden_size))
-    if d_pad <= max_chunk:
-        return ForwardConfig(block_m=32 if r_pad <= 64 else 16, block_d=d_pad)
-    # Two passes: 16 rows keep the live working set (programs x rows x d) inside L2 at d = 4096.
-    return ForwardConfig(block_m=16, block_d=min(128, max_chunk))
+    if d_pad <= _SINGLE_PASS_MAX_D and r_pad <= 64:
+        return ForwardConfig(block_m=16, block_d=d_pad)
+    block_m = 16 if dtype == torch.float32 and r_pad > 16 else 32
+    return ForwardConfig(block_m=block_m, block_d=128 if r_pad <= 64 else 64)
 
 
-def default_backward_config(hidden_size: int, rank: int) -> BackwardConfig:
-    """Heuristic backward block shapes."""
+def default_backward_config(
+    hidden_size: int, rank: int, dtype: torch.dtype = torch.bfloat16
+) -> BackwardConfig:
+    """Backward block shapes for d = ``hidden_size``, ``rank`` and the storage ``dtype``."""
     r_pad = padded_rank(rank)
     d_pad = max(16, triton.next_power_of_2(hidden_size))
+    cols_block_d = 64 if r_pad <= 16 else 32 if r_pad <= 64 else 16
     return BackwardConfig(
         rows_block_m=32,
-        rows_block_d=min(d_pad, _max_column_chunk(r_pad)),
-        cols_block_m=32,
-        # Two fp32 accumulators of BLOCK_D x R_PAD live in registers for the whole program.
-        cols_block_d=min(d_pad, max(16, min(128, 2048 // r_pad))),
+        rows_block_d=min(d_pad, 256 if r_pad <= 64 else 64),
+        cols_block_m=16,
+        cols_block_d=min(d_pad, cols_block_d),
     )
 
 
@@ -480,7 +498,7 @@ def _token_splits(n_rows: int, block_m: int, n_col_tiles: int, num_sms: int) -> 
     return max(1, min(wanted, triton.cdiv(n_rows, _MIN_TOKENS_PER_SPLIT), n_blocks))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -535,7 +553,26 @@ class SteerBackward(NamedTuple):
     grad_up_bias: torch.Tensor  # [d]
 
 
-def post_block_steer_forward(
+class KernelLaunch(NamedTuple):
+    """One kernel launch, fully specified: ``kernel[grid](*args, **meta)``."""
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+class LaunchPlan(NamedTuple):
+    """The launches of one pass, in order, and the tensors they fill."""
+
+    launches: list[KernelLaunch]
+    result: tuple
+
+
+def plan_forward(
     hidden: torch.Tensor,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
@@ -545,21 +582,21 @@ def post_block_steer_forward(
     activation: str,
     scale: float,
     config: ForwardConfig | None = None,
-) -> SteerForward:
-    """Launch the fused forward. Inputs are assumed validated (steer_fast.ops does that)."""
+) -> LaunchPlan:
+    """Allocate the forward's outputs and describe its launch (nothing runs yet)."""
     rank, hidden_size = down_weight.shape
     n_rows = hidden.numel() // hidden_size
     out = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     z = torch.empty((*hidden.shape[:-1], rank), dtype=torch.float32, device=hidden.device)
+    result = SteerForward(out, z)
     if n_rows == 0:
-        return SteerForward(out, z)
+        return LaunchPlan([], result)
 
-    config = config or default_forward_config(hidden_size, rank)
+    config = config or default_forward_config(hidden_size, rank, hidden.dtype)
     operand_dtype, input_precision = _dot_types(hidden.dtype)
     hidden_layout = _row_layout(hidden)
     residual_layout = _row_layout(residual) if residual is not None else hidden_layout
-    grid = (triton.cdiv(n_rows, config.block_m),)
-    _post_block_steer_forward_kernel[grid](
+    args = (
         hidden, residual if residual is not None else hidden,
         down_weight, up_weight,
         down_bias if down_bias is not None else down_weight,
@@ -570,6 +607,8 @@ def post_block_steer_forward(
         residual_layout.stride_outer, residual_layout.stride_inner, residual_layout.stride_col,
         down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
         float(scale),
+    )
+    meta = dict(
         ACTIVATION=activation_id(activation),
         HAS_RESIDUAL=residual is not None,
         HAS_DOWN_BIAS=down_bias is not None,
@@ -583,7 +622,125 @@ def post_block_steer_forward(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return SteerForward(out, z)
+    grid = (triton.cdiv(n_rows, config.block_m),)
+    return LaunchPlan([KernelLaunch(_post_block_steer_forward_kernel, grid, args, meta)], result)
+
+
+def plan_backward(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    z: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: str,
+    scale: float,
+    config: BackwardConfig | None = None,
+) -> LaunchPlan:
+    """Allocate the backward's outputs and buffers and describe its three launches."""
+    rank, hidden_size = down_weight.shape
+    n_rows = out.numel() // hidden_size
+    device = out.device
+    weight_dtype = down_weight.dtype
+    result = SteerBackward(
+        grad_hidden=torch.empty(out.shape, dtype=out.dtype, device=device),
+        grad_down_weight=torch.empty((rank, hidden_size), dtype=weight_dtype, device=device),
+        grad_up_weight=torch.empty((hidden_size, rank), dtype=weight_dtype, device=device),
+        grad_down_bias=torch.empty((rank,), dtype=weight_dtype, device=device),
+        grad_up_bias=torch.empty((hidden_size,), dtype=weight_dtype, device=device),
+    )
+    if n_rows == 0:
+        for weight_grad in result[1:]:
+            weight_grad.zero_()
+        return LaunchPlan([], result)
+
+    config = config or default_backward_config(hidden_size, rank, out.dtype)
+    operand_dtype, input_precision = _dot_types(out.dtype)
+    r_pad = padded_rank(rank)
+    grad_layout = _row_layout(grad_out)
+    scale = float(scale)
+    activation_index = activation_id(activation)
+    shared_meta = dict(
+        ACTIVATION=activation_index,
+        OPERAND_DTYPE=operand_dtype,
+        INPUT_PRECISION=input_precision,
+        R_PAD=r_pad,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
+    rows_launch = KernelLaunch(
+        _post_block_steer_backward_rows_kernel,
+        (triton.cdiv(n_rows, config.rows_block_m),),
+        (
+            grad_out, up_weight, z, grad_z,
+            n_rows, hidden_size, rank, grad_layout.rows_per_outer,
+            grad_layout.stride_outer, grad_layout.stride_inner, grad_layout.stride_col,
+            up_weight.stride(0), up_weight.stride(1),
+            scale,
+        ),
+        dict(shared_meta, BLOCK_M=config.rows_block_m, BLOCK_D=config.rows_block_d),
+    )
+
+    n_col_tiles = triton.cdiv(hidden_size, config.cols_block_d)
+    splits = config.splits or _token_splits(
+        n_rows, config.cols_block_m, n_col_tiles, _num_sms(device)
+    )
+    n_row_blocks = triton.cdiv(n_rows, config.cols_block_m)
+    rows_per_split = triton.cdiv(n_row_blocks, splits) * config.cols_block_m
+    splits = triton.cdiv(n_rows, rows_per_split)  # no empty splits
+    partial_stride = 2 * rank * hidden_size + hidden_size + rank
+    partials = torch.empty((splits, partial_stride), dtype=torch.float32, device=device)
+    cols_launch = KernelLaunch(
+        _post_block_steer_backward_cols_kernel,
+        (n_col_tiles, splits),
+        (
+            grad_out, out, z, grad_z, down_weight, up_weight,
+            up_bias if up_bias is not None else up_weight,
+            result.grad_hidden, partials,
+            n_rows, hidden_size, rank, grad_layout.rows_per_outer, rows_per_split,
+            partial_stride,
+            grad_layout.stride_outer, grad_layout.stride_inner, grad_layout.stride_col,
+            down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
+            scale,
+        ),
+        dict(
+            shared_meta, HAS_UP_BIAS=up_bias is not None,
+            BLOCK_M=config.cols_block_m, BLOCK_D=config.cols_block_d,
+        ),
+    )
+
+    reduce_launch = KernelLaunch(
+        _reduce_weight_grads_kernel,
+        (triton.cdiv(partial_stride, _REDUCE_BLOCK),),
+        (
+            partials, result.grad_down_weight, result.grad_up_weight, result.grad_up_bias,
+            result.grad_down_bias, splits, rank * hidden_size, hidden_size, rank,
+        ),
+        dict(BLOCK=_REDUCE_BLOCK),
+    )
+    return LaunchPlan([rows_launch, cols_launch, reduce_launch], result)
+
+
+def post_block_steer_forward(
+    hidden: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    activation: str,
+    scale: float,
+    config: ForwardConfig | None = None,
+) -> SteerForward:
+    """Run the fused forward. Inputs are assumed validated (steer_fast.ops does that)."""
+    plan = plan_forward(
+        hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale, config
+    )
+    for launch in plan.launches:
+        launch()
+    return plan.result
 
 
 def post_block_steer_backward(
@@ -597,81 +754,14 @@ def post_block_steer_backward(
     scale: float,
     config: BackwardConfig | None = None,
 ) -> SteerBackward:
-    """Launch the backward: gz (rows kernel), dh and weight partials (columns kernel), reduction.
+    """Run the backward: gz (rows kernel), dh and weight partials (columns kernel), reduction.
 
     ``out`` and ``z`` are what the forward returned; ``grad_out`` has the shape of ``out`` and
     any strides. Bias gradients are always produced (they cost one extra d + r floats).
     """
-    rank, hidden_size = down_weight.shape
-    n_rows = out.numel() // hidden_size
-    device = out.device
-    grad_hidden = torch.empty(out.shape, dtype=out.dtype, device=device)
-    weight_dtype = down_weight.dtype
-    grad_down_weight = torch.empty((rank, hidden_size), dtype=weight_dtype, device=device)
-    grad_up_weight = torch.empty((hidden_size, rank), dtype=weight_dtype, device=device)
-    grad_down_bias = torch.empty((rank,), dtype=weight_dtype, device=device)
-    grad_up_bias = torch.empty((hidden_size,), dtype=weight_dtype, device=device)
-    result = SteerBackward(
-        grad_hidden, grad_down_weight, grad_up_weight, grad_down_bias, grad_up_bias
+    plan = plan_backward(
+        grad_out, out, z, down_weight, up_weight, up_bias, activation, scale, config
     )
-    if n_rows == 0:
-        for weight_grad in result[1:]:
-            weight_grad.zero_()
-        return result
-
-    config = config or default_backward_config(hidden_size, rank)
-    operand_dtype, input_precision = _dot_types(out.dtype)
-    r_pad = padded_rank(rank)
-    grad_layout = _row_layout(grad_out)
-    scale = float(scale)
-
-    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
-    _post_block_steer_backward_rows_kernel[(triton.cdiv(n_rows, config.rows_block_m),)](
-        grad_out, up_weight, z, grad_z,
-        n_rows, hidden_size, rank, grad_layout.rows_per_outer,
-        grad_layout.stride_outer, grad_layout.stride_inner, grad_layout.stride_col,
-        up_weight.stride(0), up_weight.stride(1),
-        scale,
-        ACTIVATION=activation_id(activation),
-        OPERAND_DTYPE=operand_dtype,
-        INPUT_PRECISION=input_precision,
-        BLOCK_M=config.rows_block_m,
-        BLOCK_D=config.rows_block_d,
-        R_PAD=r_pad,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-    n_col_tiles = triton.cdiv(hidden_size, config.cols_block_d)
-    splits = config.splits or _token_splits(
-        n_rows, config.cols_block_m, n_col_tiles, _num_sms(device)
-    )
-    rows_per_split = triton.cdiv(triton.cdiv(n_rows, config.cols_block_m), splits) * config.cols_block_m
-    splits = triton.cdiv(n_rows, rows_per_split)  # no empty splits
-    partial_stride = 2 * rank * hidden_size + hidden_size + rank
-    partials = torch.empty((splits, partial_stride), dtype=torch.float32, device=device)
-    _post_block_steer_backward_cols_kernel[(n_col_tiles, splits)](
-        grad_out, out, z, grad_z, down_weight, up_weight,
-        up_bias if up_bias is not None else up_weight,
-        grad_hidden, partials,
-        n_rows, hidden_size, rank, grad_layout.rows_per_outer, rows_per_split, partial_stride,
-        grad_layout.stride_outer, grad_layout.stride_inner, grad_layout.stride_col,
-        down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
-        scale,
-        ACTIVATION=activation_id(activation),
-        HAS_UP_BIAS=up_bias is not None,
-        OPERAND_DTYPE=operand_dtype,
-        INPUT_PRECISION=input_precision,
-        BLOCK_M=config.cols_block_m,
-        BLOCK_D=config.cols_block_d,
-        R_PAD=r_pad,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
-
-    _reduce_weight_grads_kernel[(triton.cdiv(partial_stride, _REDUCE_BLOCK),)](
-        partials, grad_down_weight, grad_up_weight, grad_up_bias, grad_down_bias,
-        splits, rank * hidden_size, hidden_size, rank,
-        BLOCK=_REDUCE_BLOCK,
-    )
-    return result
+    for launch in plan.launches:
+        launch()
+    return plan.result

@@ -16,7 +16,6 @@ and of ``residual`` is the same tensor dh.
 
 import functools
 import warnings
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ from .validation import (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels():
     """The Triton kernel module, imported on first use (so TRITON_INTERPRET can be set first)."""
     from .kernels import post_block_steer as kernels
@@ -38,7 +37,7 @@ def _kernels():
     return kernels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """Whether Triton imports here."""
     try:
@@ -81,7 +80,7 @@ def resolve_backend(hidden: torch.Tensor, backend: str = "auto") -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_no_triton() -> None:
     warnings.warn(
         "steer_fast: triton is not importable, so post_block_steer runs its torch path on CUDA "
@@ -94,11 +93,11 @@ def _warn_no_triton() -> None:
 @torch.library.custom_op("steer_fast::post_block_steer_forward", mutates_args=())
 def _forward_op(
     hidden: torch.Tensor,
-    residual: Optional[torch.Tensor],
+    residual: torch.Tensor | None,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
-    down_bias: Optional[torch.Tensor],
-    up_bias: Optional[torch.Tensor],
+    down_bias: torch.Tensor | None,
+    up_bias: torch.Tensor | None,
     activation: str,
     scale: float,
     backend: str,
@@ -131,7 +130,7 @@ def _backward_op(
     z: torch.Tensor,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
-    up_bias: Optional[torch.Tensor],
+    up_bias: torch.Tensor | None,
     activation: str,
     scale: float,
     backend: str,
@@ -160,7 +159,7 @@ def _backward_fake(grad_out, out, z, down_weight, up_weight, up_bias, activation
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend = inputs
+    _, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend = inputs
     out, z = output
     ctx.save_for_backward(out, z, down_weight, up_weight, up_bias)
     ctx.activation = activation
@@ -197,12 +196,12 @@ def post_block_steer(
     hidden: torch.Tensor,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
-    down_bias: Optional[torch.Tensor] = None,
-    up_bias: Optional[torch.Tensor] = None,
+    down_bias: torch.Tensor | None = None,
+    up_bias: torch.Tensor | None = None,
     *,
     activation: str = "identity",
     scale: float = 1.0,
-    residual: Optional[torch.Tensor] = None,
+    residual: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Apply a post-block steering adapter, fused with the block's residual add.

@@ -105,7 +105,9 @@ class TrafficCounter:
         interpreter.InterpretedFunction.run = self._saved["run"]
 
 
-def minimum_forward_bytes(n_tokens: int, hidden_size: int, element_size: int, fused_residual: bool) -> int:
+def minimum_forward_bytes(
+    n_tokens: int, hidden_size: int, element_size: int, fused_residual: bool
+) -> int:
     """Read hidden (and residual), write out."""
     return (3 if fused_residual else 2) * n_tokens * hidden_size * element_size
 
@@ -166,7 +168,9 @@ def measure_post_block_steer(
     from .kernels import post_block_steer as kernels
 
     if not kernels.interpreted():
-        raise RuntimeError("traffic counting needs TRITON_INTERPRET=1 set before steer_fast.kernels is imported")
+        raise RuntimeError(
+            "traffic counting needs TRITON_INTERPRET=1 set before steer_fast.kernels is imported"
+        )
     dtype = dtype or torch.float32
     generator = torch.Generator().manual_seed(0)
 

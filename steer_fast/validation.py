@@ -73,7 +73,9 @@ def check_inputs(
     if hidden_size < 1:
         raise ValueError(f"hidden must have a last dimension >= 1, got shape {tuple(hidden.shape)}")
     if rank < 1:
-        raise ValueError(f"down_weight must have rank >= 1 rows, got shape {tuple(down_weight.shape)}")
+        raise ValueError(
+            f"down_weight must have rank >= 1 rows, got shape {tuple(down_weight.shape)}"
+        )
     if down_weight.shape[1] != hidden_size:
         raise ValueError(
             f"down_weight must be [rank, {hidden_size}] to match hidden's last dimension, "

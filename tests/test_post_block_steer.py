@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+import steer_fast
+from steer_fast import ACTIVATIONS, post_block_steer
+from steer_fast.kernels import post_block_steer as kernels
+
 from op_helpers import (
     TOLERANCES,
     assert_close,
@@ -16,10 +21,6 @@ from op_helpers import (
     run_op,
     run_reference,
 )
-
-import steer_fast
-from steer_fast import ACTIVATIONS, post_block_steer
-from steer_fast.kernels import post_block_steer as kernels
 
 BACKENDS = ["triton", "torch"]
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_helpers import make_inputs
 
 import steer_fast.ops
 from steer_fast import post_block_steer, resolve_backend
+
+from op_helpers import make_inputs
 
 
 def _arguments():

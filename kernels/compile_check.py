@@ -1,0 +1,190 @@
+"""Compile the kernels for a GPU target ahead of time, without a GPU.
+
+The interpreter checks what the kernels compute; it does not run Triton's compiler. This module
+takes the exact launches the launchers would make (``plan_forward`` / ``plan_backward`` on small
+CPU tensors with the launch heuristics of a large shape) and compiles each kernel through
+Triton's full pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas to cubin) for a CUDA target, so a
+kernel that would not build on an H100 fails here, on the CPU.
+
+    python -m steer_fast.kernels.compile_check            # sm_90, every case in CASES
+
+Must run with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import post_block_steer as kernels
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+@dataclass(frozen=True)
+class CompileCase:
+    hidden_size: int
+    rank: int
+    dtype: torch.dtype
+    activation: str
+    residual: bool = True
+    bias: bool = True
+
+
+# Every activation, dtype, single- and two-pass forward, and ranks from 1 to 256 at least once.
+CASES = [
+    CompileCase(4096, 8, torch.bfloat16, "identity"),
+    CompileCase(4096, 8, torch.float32, "silu", residual=False, bias=False),
+    CompileCase(4096, 16, torch.float16, "gelu"),
+    CompileCase(2048, 64, torch.bfloat16, "gelu_tanh"),
+    CompileCase(8192, 256, torch.bfloat16, "tanh"),
+    CompileCase(256, 1, torch.bfloat16, "relu"),
+    CompileCase(200, 8, torch.float16, "silu", residual=False),
+]
+
+
+def _signature(launch: kernels.KernelLaunch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's JIT would specialise this launch.
+
+    Like the JIT: an int argument equal to 1 (a unit stride, typically) is compiled in as a
+    constant, and ints and pointers divisible by 16 carry a divisibility hint (fresh allocations
+    are 16-byte aligned on a GPU, so pointers get it unconditionally).
+    """
+    fn = launch.kernel
+    constexprs = {k: v for k, v in launch.meta.items() if not k.startswith("num_")}
+    signature, attrs = {}, {}
+    for index, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = _POINTER_TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif isinstance(value, int) and value == 1:
+            constexprs[name] = 1
+        elif isinstance(value, int):
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{name}: cannot type {type(value).__name__}")
+    for name in constexprs:
+        signature[name] = "constexpr"
+    return signature, constexprs, attrs
+
+
+def compile_launch(launch: kernels.KernelLaunch, target: GPUTarget):
+    signature, constexprs, attrs = _signature(launch)
+    source = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
+    options = {k: v for k, v in launch.meta.items() if k in ("num_warps", "num_stages")}
+    return triton.compile(source, target=target, options=options)
+
+
+class ResourceUsage(NamedTuple):
+    registers: int  # per thread
+    stack_bytes: int  # per thread; > 0 means register spills
+    shared_bytes: int  # static shared memory (Triton's dynamic shared memory is separate)
+
+
+def resource_usage(cubin: bytes) -> ResourceUsage:
+    """Registers, stack and shared memory of a cubin, from the cuobjdump bundled with Triton."""
+    import triton.backends.nvidia as nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        report = subprocess.run(
+            [tool, "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", report)
+    if match is None:
+        raise RuntimeError(f"unexpected cuobjdump output: {report!r}")
+    return ResourceUsage(*(int(group) for group in match.groups()))
+
+
+def case_launches(case: CompileCase, n_rows: int = 64) -> list[kernels.KernelLaunch]:
+    """The forward and backward launches for ``case``, on small CPU tensors.
+
+    Block shapes depend on d and r only, so a few rows give the launches of any token count;
+    the token-split count (a runtime argument, not compiled in) is the one difference.
+    """
+    d, r, dtype = case.hidden_size, case.rank, case.dtype
+    hidden = torch.zeros(n_rows, d, dtype=dtype)
+    residual = torch.zeros(n_rows, d, dtype=dtype) if case.residual else None
+    down, up = torch.zeros(r, d, dtype=dtype), torch.zeros(d, r, dtype=dtype)
+    down_bias = torch.zeros(r, dtype=dtype) if case.bias else None
+    up_bias = torch.zeros(d, dtype=dtype) if case.bias else None
+    forward = kernels.plan_forward(
+        hidden, down, up, down_bias, up_bias, residual, case.activation, 0.5
+    )
+    out, z = forward.result
+    backward = kernels.plan_backward(hidden, out, z, down, up, up_bias, case.activation, 0.5)
+    return [*forward.launches, *backward.launches]
+
+
+def compile_cases(arch: int = 90, cases: list[CompileCase] = CASES):
+    """Compile every distinct launch of ``cases``; yield (case, launch, compiled, usage)."""
+    if kernels.interpreted():
+        raise RuntimeError("unset TRITON_INTERPRET: the kernels are interpreted functions here")
+    target = GPUTarget("cuda", arch, 32)
+    seen = set()
+    for case in cases:
+        for launch in case_launches(case):
+            signature, constexprs, _ = _signature(launch)
+            key = (
+                launch.kernel.__name__,
+                tuple(sorted(signature.items())),
+                tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+                launch.meta.get("num_warps"),
+            )
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled = compile_launch(launch, target)
+            yield case, launch, compiled, resource_usage(compiled.asm["cubin"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Compile steer_fast's kernels for a CUDA target")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
+    parser.add_argument("--json", action="store_true", help="one JSON record per line instead")
+    args = parser.parse_args(argv)
+    if args.json:
+        for case, launch, _, usage in compile_cases(args.arch):
+            record = {
+                "kernel": launch.kernel.__name__, "hidden_size": case.hidden_size,
+                "rank": case.rank, "dtype": str(case.dtype).removeprefix("torch."),
+                "activation": case.activation, **usage._asdict(),
+            }
+            print(json.dumps(record), flush=True)
+        return 0
+    print("| kernel | d | r | dtype | phi | registers | spill stack B | shared B | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    start = time.perf_counter()
+    for case, launch, compiled, usage in compile_cases(args.arch):
+        print(
+            f"| {launch.kernel.__name__} | {case.hidden_size} | {case.rank} "
+            f"| {str(case.dtype).removeprefix('torch.')} | {case.activation} "
+            f"| {usage.registers} | {usage.stack_bytes} | {compiled.metadata.shared} "
+            f"| {time.perf_counter() - start:.1f} |",
+            flush=True,
+        )
+        start = time.perf_counter()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
