@@ -9,6 +9,8 @@ with the base model frozen and only D, U and the biases trained.
 
 from .activations import ACTIVATIONS
 from .adapter import PostBlockAdapter
+from .config import SteerConfig
+from .model import SteerModel, get_steer_model
 from .ops import post_block_steer, resolve_backend
 
 __version__ = "0.1.0"
@@ -16,6 +18,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "PostBlockAdapter",
+    "SteerConfig",
+    "SteerModel",
+    "get_steer_model",
     "post_block_steer",
     "resolve_backend",
     "__version__",
