@@ -365,10 +365,12 @@ def _post_block_steer_backward_cols_kernel(
         mask=col_mask[:, None] & rank_mask[None, :],
     )
     tl.store(partial + 2 * n_weight + cols, scale * grad_up_bias, mask=col_mask)
-    # Every column tile sums the same gz; tile 0 writes it.
+    # Every column tile sums the same gz; tile 0 writes it. (The program-id test is broadcast
+    # to a block: a scalar-and-block mask is not a boolean block under every interpreter.)
+    first_tile = (ranks * 0 + pid_col) == 0
     tl.store(
         partial + 2 * n_weight + hidden_size + ranks, grad_down_bias,
-        mask=rank_mask & (pid_col == 0),
+        mask=rank_mask & first_tile,
     )
 
 
