@@ -90,8 +90,7 @@ def _warn_no_triton() -> None:
     )
 
 
-@torch.library.custom_op("steer_fast::post_block_steer_forward", mutates_args=())
-def _forward_op(
+def _forward_impl(
     hidden: torch.Tensor,
     residual: torch.Tensor | None,
     down_weight: torch.Tensor,
@@ -102,6 +101,7 @@ def _forward_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, z) from the resolved backend: the body of the forward custom op."""
     if backend == "triton":
         result = _kernels().post_block_steer_forward(
             hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale
@@ -110,6 +110,11 @@ def _forward_op(
     return torch_backend.forward(
         hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale
     )
+
+
+_forward_op = torch.library.custom_op(
+    "steer_fast::post_block_steer_forward", _forward_impl, mutates_args=()
+)
 
 
 @_forward_op.register_fake
@@ -232,7 +237,22 @@ def post_block_steer(
     check_backend(backend)
     check_inputs(hidden, down_weight, up_weight, down_bias, up_bias, residual)
     backend = resolve_backend(hidden, backend)
-    out, _ = _forward_op(
+    arguments = (
         hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend
     )
+    if _needs_registered_op(arguments):
+        out, _ = _forward_op(*arguments)
+    else:
+        # Nothing to differentiate and nothing tracing: the registered op would only add its
+        # dispatch cost (tens of microseconds a call, paid per layer per decoded token).
+        out, _ = _forward_impl(*arguments)
     return out
+
+
+def _needs_registered_op(arguments: tuple) -> bool:
+    """Whether autograd or torch.compile needs the call to go through the custom op."""
+    if torch.compiler.is_compiling():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in arguments)

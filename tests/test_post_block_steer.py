@@ -289,3 +289,18 @@ def test_compile_fullgraph_torch_backend():
     torch.testing.assert_close(compiled_out, eager_out)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_calls_match_autograd_calls(backend, device):
+    """Without autograd the op skips the registered op's dispatch; results are identical."""
+    inputs = make_inputs((2, 7, 40), 8, device=device)
+    arguments = dict(activation="gelu", scale=0.3, residual=inputs.residual, backend=backend)
+    tensors = [inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias,
+               inputs.up_bias]
+    with_graph = post_block_steer(*tensors, **arguments)
+    assert with_graph.grad_fn is not None
+    with torch.no_grad():
+        without_graph = post_block_steer(*tensors, **arguments)
+    assert without_graph.grad_fn is None
+    assert torch.equal(with_graph.detach(), without_graph)

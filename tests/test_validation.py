@@ -59,6 +59,7 @@ def test_bad_input_raises_before_any_launch(change, words, monkeypatch):
         raise AssertionError("the op ran on invalid input")
 
     monkeypatch.setattr(steer_fast.ops, "_forward_op", must_not_run)
+    monkeypatch.setattr(steer_fast.ops, "_forward_impl", must_not_run)
     arguments = {**_arguments(), "activation": "silu", "scale": 1.0, "backend": "torch", **change}
     tensors = [arguments.pop(name) for name in
                ("hidden", "down_weight", "up_weight", "down_bias", "up_bias")]
@@ -74,3 +75,14 @@ def test_auto_backend_on_cpu_is_torch():
     if not torch.cuda.is_available():
         # Under the interpreter (tests/conftest.py) the Triton kernels accept CPU tensors.
         assert resolve_backend(hidden, "triton") == "triton"
+
+
+def test_the_guard_sees_both_entry_points(monkeypatch):
+    """Valid input reaches the op through one of the two patched entry points."""
+    calls = []
+    monkeypatch.setattr(steer_fast.ops, "_forward_impl", lambda *a: calls.append(a) or (a[0], a[0]))
+    arguments = _arguments()
+    tensors = [arguments.pop(name) for name in
+               ("hidden", "down_weight", "up_weight", "down_bias", "up_bias")]
+    post_block_steer(*tensors, residual=arguments["residual"], backend="torch")
+    assert len(calls) == 1
