@@ -21,11 +21,12 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "transformers>=4.50",
         "safetensors>=0.4",
+        "peft>=0.13",  # LoRA for joint adaptation (steer_fast.joint)
         "numpy",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
-        "bench": ["peft>=0.13", "matplotlib>=3.7", "tqdm>=4.60"],
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
     },
     entry_points={"console_scripts": ["steer-fast=steer_fast.cli:main"]},
 )

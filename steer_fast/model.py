@@ -20,18 +20,14 @@ out again without the SteerModel wrapper, for code that combines steering with o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 import json
 import os
 import re
-import shutil
-import tempfile
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +41,9 @@ from .adapter import PostBlockAdapter
 from .config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig
 from .families import FusedBlockSpec, check_fused_layer, family_for, run_fused_block
 from .ops import post_block_steer, resolve_backend
-from .validation import TORCH_DTYPES, check_scale
+from .saving import save_directory_atomically
+from .validation import TORCH_DTYPES
+from .wrapper import SteeringWrapper
 
 PATH_FUSED = "fused"
 PATH_PLAIN = "plain"
@@ -590,50 +588,6 @@ def _read_saved(directory: Path) -> tuple[SteerConfig, dict[str, torch.Tensor]]:
     )
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
-
-
-def _carry_over(old: Path, staging: Path) -> None:
-    """Bring the entries of ``old`` that save_pretrained does not write into ``staging``."""
-    for entry in old.iterdir():
-        if entry.name in (CONFIG_NAME, WEIGHTS_NAME):
-            continue
-        destination = staging / entry.name
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), destination)
-        elif entry.is_dir():
-            shutil.copytree(entry, destination, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(destination))
-
-
-def _swap_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing ``target`` is kept until that succeeds."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    backup = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex}"
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # SteerModel
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +613,7 @@ def _ignore_missing_base_weights(module, incompatible_keys) -> None:
     ]
 
 
-class SteerModel(nn.Module):
+class SteerModel(SteeringWrapper):
     """A transformers model with post-block steering adapters, in the manner of a PeftModel.
 
     Build it with ``get_steer_model(model, config)``. Calls go to the wrapped model (``forward``
@@ -674,6 +628,8 @@ class SteerModel(nn.Module):
         config: the steering to apply.
     """
 
+    wrapped_attribute = "base_model"
+
     def __init__(self, model: nn.Module, config: SteerConfig) -> None:
         super().__init__()
         plan = plan_steering(model, config)
@@ -687,71 +643,22 @@ class SteerModel(nn.Module):
         self.register_state_dict_post_hook(_keep_steering_state)
         self.register_load_state_dict_post_hook(_ignore_missing_base_weights)
 
-    def __getattr__(self, name: str) -> Any:
-        """Attributes SteerModel lacks come from the wrapped model."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise AttributeError(
-                    "this SteerModel has no base model (it was unloaded)"
-                ) from None
-            return getattr(self.base_model, name)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The wrapped model's forward; the named arguments are passed on when given."""
-        named = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "inputs_embeds": inputs_embeds,
-            "labels": labels,
-        }
-        return self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's generate (steering runs inside its decoder layers)."""
-        return self.base_model.generate(*args, **kwargs)
-
     def get_base_model(self) -> nn.Module:
         """The wrapped model, steered blocks in place."""
         return self.base_model
 
     # --- adapters --------------------------------------------------------------------------
 
-    def _blocks(self) -> dict[int, SteeredBlock]:
+    def _steered_blocks(self) -> dict[int, SteeredBlock]:
         return dict(sorted(steered_blocks(self.base_model).items()))
-
-    def get_adapters(self) -> dict[int, PostBlockAdapter]:
-        """Decoder-layer index -> its PostBlockAdapter."""
-        return {index: block.steer_adapter for index, block in self._blocks().items()}
-
-    def steering_paths(self) -> dict[int, str]:
-        """Decoder-layer index -> "fused" or "plain" (see the module docstring)."""
-        return {index: block.path for index, block in self._blocks().items()}
 
     def steering_report(self) -> str:
         """One line per steered layer: index, class, path and why."""
         return "\n".join(
             f"layer {index}: {type(block.base_layer).__name__} -> {block.path} "
             f"({block.path_reason})"
-            for index, block in self._blocks().items()
+            for index, block in self._steered_blocks().items()
         )
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters)."""
-        trainable = total = 0
-        for parameter in self.parameters():
-            total += parameter.numel()
-            if parameter.requires_grad:
-                trainable += parameter.numel()
-        return trainable, total
 
     def print_trainable_parameters(self) -> None:
         """Print the parameter counts and how many layers take each path."""
@@ -765,26 +672,6 @@ class SteerModel(nn.Module):
             f"{sum(p == path for p in paths.values())} {path}" for path in (PATH_FUSED, PATH_PLAIN)
         )
         print(f"steered layers: {len(paths)} ({counts}); see steering_report()")
-
-    def set_scale(self, scale: float) -> None:
-        """Set the steering strength s of every adapter (0: the base model's outputs)."""
-        scale = check_scale(scale)
-        for adapter in self.get_adapters().values():
-            adapter.scale = scale
-        self.steer_config.scale = scale
-
-    @contextlib.contextmanager
-    def disable_steering(self) -> Iterator[None]:
-        """Run the base model, exactly, inside the block: every layer runs its own forward."""
-        blocks = list(self._blocks().values())
-        previous = [block.steering_enabled for block in blocks]
-        try:
-            for block in blocks:
-                block.steering_enabled = False
-            yield
-        finally:
-            for block, enabled in zip(blocks, previous, strict=True):
-                block.steering_enabled = enabled
 
     def unload(self) -> nn.Module:
         """Take the steering off: the original layers go back in place and the parameters get
@@ -822,13 +709,6 @@ class SteerModel(nn.Module):
             )
         self.set_scale(saved.scale)
 
-    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for index, adapter in self.get_adapters().items():
-            for name, tensor in adapter.state_dict().items():
-                tensors[f"layers.{index}.{name}"] = tensor.detach().to("cpu").contiguous()
-        return tensors
-
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write steer_config.json and steer_model.safetensors to ``save_directory``.
 
@@ -836,23 +716,14 @@ class SteerModel(nn.Module):
         rename; other files in an existing ``save_directory`` are carried over. A failed save
         leaves an existing directory as it was.
         """
-        target = Path(save_directory)
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"save_directory {target} exists and is not a directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self._adapter_tensors()
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-        try:
+        tensors = self.steering_tensors()
+        config_text = self.steer_config.to_json_string()
+
+        def write(staging: Path) -> None:
             save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-            (staging / CONFIG_NAME).write_text(self.steer_config.to_json_string(), encoding="utf-8")
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                _fsync(staging / name)
-            if target.is_dir():
-                _carry_over(target, staging)
-            _swap_into_place(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+
+        save_directory_atomically(save_directory, write, (WEIGHTS_NAME, CONFIG_NAME))
 
     @classmethod
     def from_pretrained(
@@ -880,10 +751,7 @@ class SteerModel(nn.Module):
         if backend is not None:
             config = dataclasses.replace(config, backend=backend)
         steered = cls(model, config)
-        with torch.no_grad():
-            for index, adapter in steered.get_adapters().items():
-                for name, parameter in adapter.state_dict(keep_vars=True).items():
-                    parameter.copy_(tensors[f"layers.{index}.{name}"])
+        steered.load_steering_tensors(tensors)
         if not is_trainable:
             for adapter in steered.get_adapters().values():
                 adapter.requires_grad_(False)
