@@ -7,19 +7,44 @@ After a decoder block, h (the block output, after its skip connection) becomes
 with the base model frozen and only D, U and the biases trained.
 """
 
+import importlib
+from typing import Any
+
 from .activations import ACTIVATIONS
 from .adapter import PostBlockAdapter
 from .config import SteerConfig
 from .model import SteerModel, get_steer_model
 from .ops import post_block_steer, resolve_backend
+from .orthogonality import OrthogonalityConfig
 
 __version__ = "0.1.0"
 
+# Joint LoRA + steering needs PEFT (steer_fast.joint) and transformers' Trainer
+# (steer_fast.joint_trainer): they are imported on first use, so that importing steer_fast stays
+# light.
+_LAZY_EXPORTS = {
+    "JointModel": "joint",
+    "get_joint_model": "joint",
+    "JointTrainer": "joint_trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_EXPORTS:
+        module = importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'steer_fast' has no attribute {name!r}")
+
+
 __all__ = [
     "ACTIVATIONS",
+    "JointModel",
+    "JointTrainer",
+    "OrthogonalityConfig",
     "PostBlockAdapter",
     "SteerConfig",
     "SteerModel",
+    "get_joint_model",
     "get_steer_model",
     "post_block_steer",
     "resolve_backend",

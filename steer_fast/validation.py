@@ -116,3 +116,12 @@ def check_inputs(
                 f"{name} is on {tensor.device} but hidden is on {hidden.device}: "
                 "all tensors must be on one device"
             )
+
+
+def check_learning_rate(name: str, value: object) -> float:
+    """A learning rate: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
