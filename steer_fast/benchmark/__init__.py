@@ -1,0 +1,36 @@
+"""steer_fast.benchmark: post-block steering measured against LoRA, LoReFT and the floor.
+
+Three suites, one command (``steer-fast bench``, or ``python -m steer_fast bench``):
+
+- kernel: ``post_block_steer`` alone against unfused eager PyTorch, ``torch.compile`` of it and
+  the memory roofline;
+- training: one forward + backward + AdamW step per method on the same model and batch;
+- inference: prefill latency and KV-cache decode time per token.
+
+    from steer_fast.benchmark import BenchmarkSettings, run_benchmarks
+    run = run_benchmarks(BenchmarkSettings.create(suites=["training"], quick=True))
+    print(run.report)
+"""
+
+from .methods import INFERENCE_METHODS, TRAINING_METHODS, Candidate, MethodContext
+from .presets import PRESETS, KernelGrid, ModelPreset
+from .records import RECORD_FIELDS, BenchmarkRecord, load_records
+from .runner import BenchmarkRun, run_benchmarks
+from .settings import SUITES, BenchmarkSettings
+
+__all__ = [
+    "INFERENCE_METHODS",
+    "PRESETS",
+    "RECORD_FIELDS",
+    "SUITES",
+    "TRAINING_METHODS",
+    "BenchmarkRecord",
+    "BenchmarkRun",
+    "BenchmarkSettings",
+    "Candidate",
+    "KernelGrid",
+    "MethodContext",
+    "ModelPreset",
+    "load_records",
+    "run_benchmarks",
+]
