@@ -26,7 +26,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
-        "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
+        # datasets: pyreft (the LoReFT baseline, installed with --no-deps) imports it.
+        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "datasets>=2.14"],
     },
     entry_points={"console_scripts": ["steer-fast=steer_fast.cli:main"]},
 )
