@@ -36,20 +36,13 @@ class PreparedInference:
 
 
 def inference_job_count(ctx: RunContext) -> int:
-    return len(_methods(ctx))
-
-
-def _methods(ctx: RunContext) -> list[Method]:
-    names = ctx.settings.methods
-    return INFERENCE_METHODS.select(None if names is None else list(names))
+    return len(INFERENCE_METHODS.select(ctx.settings.methods))
 
 
 def run_inference_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
     s = ctx.settings
     prompt = make_tokens(s.spec, s.batch, s.seq_len, s.device, s.seed)
-    methods = _methods(ctx)
-    groups = [methods] if s.interleave else [[method] for method in methods]
-    for group in groups:
+    for group in INFERENCE_METHODS.groups(s.methods, s.interleave):
         with torch.inference_mode():
             rows = _run_group(ctx, group, prompt)
         release_memory(s.device)
@@ -158,11 +151,7 @@ def _record(
                 method.name,
                 method.label,
                 phase=phase,
-                ms=timing.median_ms,
-                ms_min=timing.min_ms,
-                ms_max=timing.max_ms,
-                repeats=timing.repeats,
-                warmup=timing.warmup,
+                **timing.record_fields(),
                 tokens_per_s=tokens / (timing.median_ms * 1e-3),
                 peak_mem_bytes=memory.peak_bytes,
                 memory_measure=memory.measure,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -90,11 +90,18 @@ class MethodTable(dict[str, Method]):
 
         return decorator
 
-    def select(self, names: list[str] | None) -> list[Method]:
+    def select(self, names: Iterable[str] | None) -> list[Method]:
         """The named methods (all when ``names`` is None), in table order."""
         if names is None:
             return list(self.values())
-        return [method for name, method in self.items() if name in set(names)]
+        wanted = set(names)
+        return [method for name, method in self.items() if name in wanted]
+
+    def groups(self, names: Iterable[str] | None, interleave: bool) -> list[list[Method]]:
+        """The selected methods as timing groups: all together when interleaved (timed in
+        rounds), else one group per method (timed one after another)."""
+        methods = self.select(names)
+        return [methods] if interleave else [[method] for method in methods]
 
 
 TRAINING_METHODS = MethodTable()

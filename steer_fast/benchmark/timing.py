@@ -43,6 +43,17 @@ class Timing:
             warmup=warmup,
         )
 
+    def record_fields(self) -> dict[str, float | int]:
+        """The timing fields of a benchmark record: ms (the median), ms_min, ms_max, repeats,
+        warmup."""
+        return dict(
+            ms=self.median_ms,
+            ms_min=self.min_ms,
+            ms_max=self.max_ms,
+            repeats=self.repeats,
+            warmup=self.warmup,
+        )
+
 
 @dataclass(frozen=True)
 class TimingPlan:

@@ -46,20 +46,13 @@ class PreparedStep:
 
 
 def training_job_count(ctx: RunContext) -> int:
-    return len(_methods(ctx))
-
-
-def _methods(ctx: RunContext) -> list[Method]:
-    names = ctx.settings.methods
-    return TRAINING_METHODS.select(None if names is None else list(names))
+    return len(TRAINING_METHODS.select(ctx.settings.methods))
 
 
 def run_training_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
     s = ctx.settings
     tokens = make_tokens(s.spec, s.batch, s.seq_len, s.device, s.seed)
-    methods = _methods(ctx)
-    groups = [methods] if s.interleave else [[method] for method in methods]
-    for group in groups:
+    for group in TRAINING_METHODS.groups(s.methods, s.interleave):
         yield from _run_group(ctx, group, tokens)
         release_memory(s.device)
 
@@ -133,11 +126,7 @@ def _record(
         "training",
         method.name,
         method.label,
-        ms=timing.median_ms,
-        ms_min=timing.min_ms,
-        ms_max=timing.max_ms,
-        repeats=timing.repeats,
-        warmup=timing.warmup,
+        **timing.record_fields(),
         tokens_per_s=tokens.numel() / (timing.median_ms * 1e-3),
         peak_mem_bytes=memory.peak_bytes,
         memory_measure=memory.measure,
