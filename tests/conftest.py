@@ -30,3 +30,21 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_launches(monkeypatch):
+    """Counts the Triton forward and backward kernel launches."""
+    import steer_fast.ops  # after TRITON_INTERPRET is set above
+
+    kernels = steer_fast.ops._kernels()
+    launches = {"forward": 0, "backward": 0}
+    for direction in launches:
+        original = getattr(kernels, f"post_block_steer_{direction}")
+
+        def counted(*args, original=original, direction=direction):
+            launches[direction] += 1
+            return original(*args)
+
+        monkeypatch.setattr(kernels, f"post_block_steer_{direction}", counted)
+    return launches

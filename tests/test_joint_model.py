@@ -346,22 +346,6 @@ def test_unload_gives_back_the_model_as_it_was():
     get_joint_model(base, steer(), lora())  # and it can be adapted again
 
 
-@pytest.fixture
-def kernel_launches(monkeypatch):
-    """Counts the Triton forward and backward kernel launches."""
-    kernels = steer_fast.ops._kernels()
-    launches = {"forward": 0, "backward": 0}
-    for direction in launches:
-        original = getattr(kernels, f"post_block_steer_{direction}")
-
-        def counted(*args, original=original, direction=direction):
-            launches[direction] += 1
-            return original(*args)
-
-        monkeypatch.setattr(kernels, f"post_block_steer_{direction}", counted)
-    return launches
-
-
 @pytest.mark.parametrize("family, path", [("llama", "fused"), ("gpt2", "plain")])
 def test_triton_path_agrees_with_the_torch_path(family, path, device, kernel_launches):
     """Triton (the interpreter on the CPU) and torch steering in a joint model: same logits,

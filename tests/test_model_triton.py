@@ -6,26 +6,9 @@ import copy
 import pytest
 import torch
 
-import steer_fast.ops
 from steer_fast import SteerConfig, get_steer_model
 
 from tiny_models import PAD_TOKEN_ID, random_input_ids, randomize_adapters, tiny_causal_lm
-
-
-@pytest.fixture
-def kernel_launches(monkeypatch):
-    """Counts the Triton forward and backward kernel launches."""
-    kernels = steer_fast.ops._kernels()
-    launches = {"forward": 0, "backward": 0}
-    for direction in launches:
-        original = getattr(kernels, f"post_block_steer_{direction}")
-
-        def counted(*args, original=original, direction=direction):
-            launches[direction] += 1
-            return original(*args)
-
-        monkeypatch.setattr(kernels, f"post_block_steer_{direction}", counted)
-    return launches
 
 
 def pair(family, device, **overrides):
