@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from steer_fast import JointModel, JointTrainer, OrthogonalityConfig, SteerConfig, get_joint_model
 
-from tiny_models import random_input_ids, tiny_causal_lm
+from tiny_models import TokenDataset, random_input_ids, tiny_causal_lm
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -29,17 +29,6 @@ def build(mode="penalty", weight=0.1, seed=0, family="llama"):
 
 def trainable_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: int = 16, length: int = 8) -> None:
-        self.input_ids = random_input_ids(rows, length, seed=11)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
 
 
 def arguments(output_dir, **overrides):

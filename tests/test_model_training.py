@@ -13,22 +13,12 @@ from steer_fast import SteerConfig, SteerModel, get_steer_model
 
 from tiny_models import (
     NUM_LAYERS,
+    TokenDataset,
     decoder_layers,
     random_input_ids,
     randomize_adapters,
     tiny_causal_lm,
 )
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: int = 16, length: int = 8) -> None:
-        self.input_ids = random_input_ids(rows, length, seed=11)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
 
 
 def steered(family, **overrides):

@@ -272,3 +272,16 @@ def capture_layer_calls(
         for handle in handles:
             handle.remove()
     return calls
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed random token rows for Trainer runs, with the inputs as labels."""
+
+    def __init__(self, rows: int = 16, length: int = 8) -> None:
+        self.input_ids = random_input_ids(rows, length, seed=11)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
