@@ -20,12 +20,12 @@ from .orthogonality import OrthogonalityConfig
 __version__ = "0.1.0"
 
 # Joint LoRA + steering needs PEFT (steer_fast.joint) and transformers' Trainer
-# (steer_fast.joint_trainer): they are imported on first use, so that importing steer_fast stays
+# (steer_fast.joint.trainer): they are imported on first use, so that importing steer_fast stays
 # light.
 _LAZY_EXPORTS = {
     "JointModel": "joint",
     "get_joint_model": "joint",
-    "JointTrainer": "joint_trainer",
+    "JointTrainer": "joint.trainer",
 }
 
 

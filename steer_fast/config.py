@@ -45,6 +45,17 @@ def _check_dtype(dtype: object) -> torch.dtype | None:
     return dtype
 
 
+def check_format_version(version: object, newest: int, source: str = "the config") -> int:
+    """``version`` if it is a format version this steer_fast reads (an integer in 1..newest);
+    ValueError otherwise. Every saved format of steer_fast carries one."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= newest:
+        raise ValueError(
+            f"{source} has format_version {version!r}; this version of steer_fast reads "
+            f"1..{newest}"
+        )
+    return version
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -160,14 +171,7 @@ class SteerConfig:
         steer_type = values.pop("steer_type", STEER_TYPE)
         if steer_type != STEER_TYPE:
             raise ValueError(f"steer_type must be {STEER_TYPE!r}, got {steer_type!r}")
-        version = values.pop("format_version", FORMAT_VERSION)
-        if isinstance(version, bool) or not isinstance(version, int) or not (
-            1 <= version <= FORMAT_VERSION
-        ):
-            raise ValueError(
-                f"format_version must be an integer in 1..{FORMAT_VERSION} (what this version of "
-                f"steer_fast reads), got {version!r}"
-            )
+        check_format_version(values.pop("format_version", FORMAT_VERSION), FORMAT_VERSION)
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -1,4 +1,5 @@
-"""How the decoder layer of each known transformers family is run with its residual add fused.
+"""The decoder-layer families steer_fast knows: how each is run fused, and which modules write
+into its residual stream.
 
 Pre-norm decoder layers compute, up to the placement of their norms and dropouts,
 
@@ -7,8 +8,12 @@ Pre-norm decoder layers compute, up to the placement of their norms and dropouts
 
 A ``FusedBlockSpec`` names the submodules of one such layout, and ``run_fused_block`` runs any
 layer described by a spec up to ``out``'s last add, returning (mlp_branch, h) so that the caller
-adds them inside the steering kernel. One generic function serves every family; the table below
-has one row per family, naming its layer class and its spec.
+adds them inside the steering kernel. One generic function serves every family.
+
+``FAMILIES`` is the one table, a row per decoder-layer class: its layout (None for a family that
+takes the plain path) and its residual writers, the modules whose outputs go straight into the
+layer's residual adds (the orthogonality constraint of joint adaptation reads them). Adding a
+family is one row here, plus the family in ``tests/tiny_models.py`` so that the suite checks it.
 
 A layer takes the fused path only if it passes ``check_fused_layer``: its class is the
 transformers implementation named in the table, its forward is the one that class defines, and
@@ -19,12 +24,14 @@ layer) takes the plain path, and the reason is reported.
 from __future__ import annotations
 
 import inspect
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .shims import MIN_TRANSFORMERS_MAJOR_FOR_FUSING, transformers_major
 
 
 @dataclass(frozen=True)
@@ -84,21 +91,31 @@ BRANCH_POST_NORM = FusedBlockSpec(
 )
 
 
+# Attention output projection and MLP down projection: their outputs are the two residual
+# branches of a Llama-style layer. In Gemma2/3 and OLMo2/3 a norm sits between them and the
+# residual add (it rescales each channel), so there the constraint is on the directions the
+# modules write before that rescaling.
+ATTN_O_MLP_DOWN = ("self_attn.o_proj", "mlp.down_proj")
+
+
 @dataclass(frozen=True)
-class FusedFamily:
-    """One row of the table: a transformers decoder-layer class and how it is fused.
+class Family:
+    """One row of the table: a transformers decoder-layer class and how steer_fast treats it.
 
     Attributes:
         model_type: ``config.model_type`` of the family's models (for documentation).
         layer_class: the decoder layer's class name.
         module: the transformers module defining it, ``transformers.models.<module>``.
-        spec: the layer's layout.
+        spec: the layer's layout for the fused path, or None: its layers take the plain path.
+        residual_writers: paths inside the layer of the modules whose outputs go straight into
+            its residual adds (the attention output and the MLP output projections).
     """
 
     model_type: str
     layer_class: str
     module: str
-    spec: FusedBlockSpec
+    spec: FusedBlockSpec | None
+    residual_writers: tuple[str, ...] = ATTN_O_MLP_DOWN
 
     @property
     def module_path(self) -> str:
@@ -106,45 +123,56 @@ class FusedFamily:
 
 
 # Each row was read against the transformers 5.17 and 5.23 source of the layer, and is checked by
-# the test suite (fused layer == original layer, exactly, with a zero adapter).
-FUSED_FAMILIES: tuple[FusedFamily, ...] = (
-    FusedFamily("llama", "LlamaDecoderLayer", "llama", PRE_NORM),
-    FusedFamily("mistral", "MistralDecoderLayer", "mistral", PRE_NORM),
-    FusedFamily("mixtral", "MixtralDecoderLayer", "mixtral", PRE_NORM),
-    FusedFamily("qwen2", "Qwen2DecoderLayer", "qwen2", PRE_NORM),
-    FusedFamily("qwen2_moe", "Qwen2MoeDecoderLayer", "qwen2_moe", PRE_NORM),
-    FusedFamily("qwen3", "Qwen3DecoderLayer", "qwen3", PRE_NORM),
-    FusedFamily("gemma", "GemmaDecoderLayer", "gemma", PRE_NORM),
-    FusedFamily("gemma2", "Gemma2DecoderLayer", "gemma2", SANDWICH_NORM),
-    FusedFamily("gemma3_text", "Gemma3DecoderLayer", "gemma3", SANDWICH_NORM),
-    FusedFamily("phi3", "Phi3DecoderLayer", "phi3", PRE_NORM_BRANCH_DROPOUT),
-    FusedFamily("olmo", "OlmoDecoderLayer", "olmo", PRE_NORM),
-    FusedFamily("olmo2", "Olmo2DecoderLayer", "olmo2", BRANCH_POST_NORM),
-    FusedFamily("olmo3", "Olmo3DecoderLayer", "olmo3", BRANCH_POST_NORM),
-    FusedFamily("starcoder2", "Starcoder2DecoderLayer", "starcoder2", PRE_NORM),
+# the test suite (fused layer == original layer, exactly, with a zero adapter; every residual
+# writer exists and writes hidden-size outputs).
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", "LlamaDecoderLayer", "llama", PRE_NORM),
+    Family("mistral", "MistralDecoderLayer", "mistral", PRE_NORM),
+    # The routed experts are fused 3-D parameters (no nn.Linear): only the attention output is a
+    # module LoRA can adapt.
+    Family("mixtral", "MixtralDecoderLayer", "mixtral", PRE_NORM, ("self_attn.o_proj",)),
+    Family("qwen2", "Qwen2DecoderLayer", "qwen2", PRE_NORM),
+    Family(
+        "qwen2_moe",
+        "Qwen2MoeDecoderLayer",
+        "qwen2_moe",
+        PRE_NORM,
+        ("self_attn.o_proj", "mlp.shared_expert.down_proj"),
+    ),
+    Family("qwen3", "Qwen3DecoderLayer", "qwen3", PRE_NORM),
+    Family("gemma", "GemmaDecoderLayer", "gemma", PRE_NORM),
+    Family("gemma2", "Gemma2DecoderLayer", "gemma2", SANDWICH_NORM),
+    Family("gemma3_text", "Gemma3DecoderLayer", "gemma3", SANDWICH_NORM),
+    Family("phi3", "Phi3DecoderLayer", "phi3", PRE_NORM_BRANCH_DROPOUT),
+    Family("olmo", "OlmoDecoderLayer", "olmo", PRE_NORM),
+    Family("olmo2", "Olmo2DecoderLayer", "olmo2", BRANCH_POST_NORM),
+    Family("olmo3", "Olmo3DecoderLayer", "olmo3", BRANCH_POST_NORM),
+    Family(
+        "starcoder2", "Starcoder2DecoderLayer", "starcoder2", PRE_NORM,
+        ("self_attn.o_proj", "mlp.c_proj"),
+    ),
+    # Plain path (no fused layout): their residual writers serve joint adaptation.
+    Family("gpt2", "GPT2Block", "gpt2", None, ("attn.c_proj", "mlp.c_proj")),
+    Family("gpt_neox", "GPTNeoXLayer", "gpt_neox", None, ("attention.dense", "mlp.dense_4h_to_h")),
 )
 
-_BY_LAYER_CLASS: dict[str, FusedFamily] = {row.layer_class: row for row in FUSED_FAMILIES}
-
-# Decoder layers return a tensor from transformers 5 on (a tuple before), which the fused path
-# relies on.
-MIN_TRANSFORMERS_MAJOR = 5
+_BY_LAYER_CLASS: dict[str, Family] = {row.layer_class: row for row in FAMILIES}
 
 
-def family_for(layer: nn.Module) -> FusedFamily | None:
+def family_for(layer: nn.Module) -> Family | None:
     """The table row of ``layer``'s class, or None if its class name is not in the table."""
     return _BY_LAYER_CLASS.get(type(layer).__name__)
 
 
-def _transformers_major() -> int | None:
-    transformers = sys.modules.get("transformers")
-    version = getattr(transformers, "__version__", None)
-    if not isinstance(version, str):
-        return None
-    try:
-        return int(version.split(".")[0])
-    except ValueError:
-        return None
+def residual_writer_paths(
+    layer: nn.Module, residual_modules: Sequence[str] | None = None
+) -> tuple[str, ...] | None:
+    """The paths inside ``layer`` of its residual-writing modules: ``residual_modules`` when
+    given, else its family's row; None when neither says."""
+    if residual_modules is not None:
+        return tuple(residual_modules)
+    row = family_for(layer)
+    return None if row is None else row.residual_writers
 
 
 def check_fused_layer(layer: nn.Module, forward: Any) -> tuple[FusedBlockSpec | None, str]:
@@ -156,17 +184,19 @@ def check_fused_layer(layer: nn.Module, forward: Any) -> tuple[FusedBlockSpec | 
     cls = type(layer)
     row = family_for(layer)
     if row is None:
-        return None, f"{cls.__name__} is not in the fused-block table (steer_fast.families)"
+        return None, f"{cls.__name__} is not in the family table (steer_fast.families)"
+    if row.spec is None:
+        return None, f"{cls.__name__} has no fused layout in the family table (steer_fast.families)"
     if cls.__module__ != row.module_path:
         return None, (
             f"{cls.__name__} comes from {cls.__module__}, not from {row.module_path}, so its "
             "layout is unknown"
         )
-    major = _transformers_major()
-    if major is None or major < MIN_TRANSFORMERS_MAJOR:
+    major = transformers_major()
+    if major is None or major < MIN_TRANSFORMERS_MAJOR_FOR_FUSING:
         return None, (
-            f"the fused path needs transformers >= {MIN_TRANSFORMERS_MAJOR} (decoder layers "
-            "returning a tensor)"
+            f"the fused path needs transformers >= {MIN_TRANSFORMERS_MAJOR_FOR_FUSING} (decoder "
+            "layers returning a tensor)"
         )
     if "forward" in vars(layer):
         return None, (

@@ -23,9 +23,10 @@ U_l <- U_l - Q Q^T U_l, with Q an orthonormal basis of span(B_l) (from an SVD, d
 directions whose singular value is below ``rank_tolerance`` times the largest).
 
 Which modules of a layer write into the residual stream is a property of its family: the
-modules whose output goes straight into the layer's residual adds. ``RESIDUAL_WRITERS`` names
-them by decoder-layer class; ``OrthogonalityConfig.residual_modules`` names them for any other
-layer (or overrides the table). Only the ones LoRA adapts enter B_l; a layer where LoRA adapts
+modules whose output goes straight into the layer's residual adds. The family table
+(``steer_fast.families.FAMILIES``) names them by decoder-layer class;
+``OrthogonalityConfig.residual_modules`` names them for any other layer (or overrides the
+table). Only the ones LoRA adapts enter B_l; a layer where LoRA adapts
 none of them (LoRA on q and v only, say) has P_l = 0: the constraint is vacuous there.
 """
 
@@ -38,39 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 ORTHOGONALITY_MODES: tuple[str, ...] = ("penalty", "project", "none")
-
-# Attention output projection and MLP down projection: their outputs are the two residual
-# branches of a Llama-style layer. In Gemma2/3 and OLMo2/3 a norm sits between them and the
-# residual add (it rescales each channel), so there the constraint is on the directions the
-# modules write before that rescaling.
-_ATTN_O_MLP_DOWN = ("self_attn.o_proj", "mlp.down_proj")
-
-# Decoder-layer class name -> the modules (paths inside the layer) that write into the residual
-# stream. Checked against every family in the test suite's model list.
-RESIDUAL_WRITERS: dict[str, tuple[str, ...]] = {
-    "LlamaDecoderLayer": _ATTN_O_MLP_DOWN,
-    "MistralDecoderLayer": _ATTN_O_MLP_DOWN,
-    "Qwen2DecoderLayer": _ATTN_O_MLP_DOWN,
-    "Qwen3DecoderLayer": _ATTN_O_MLP_DOWN,
-    "GemmaDecoderLayer": _ATTN_O_MLP_DOWN,
-    "Gemma2DecoderLayer": _ATTN_O_MLP_DOWN,
-    "Gemma3DecoderLayer": _ATTN_O_MLP_DOWN,
-    "Phi3DecoderLayer": _ATTN_O_MLP_DOWN,
-    "OlmoDecoderLayer": _ATTN_O_MLP_DOWN,
-    "Olmo2DecoderLayer": _ATTN_O_MLP_DOWN,
-    "Olmo3DecoderLayer": _ATTN_O_MLP_DOWN,
-    "Starcoder2DecoderLayer": ("self_attn.o_proj", "mlp.c_proj"),
-    # The routed experts are fused 3-D parameters (no nn.Linear): only the shared expert and the
-    # attention output are modules LoRA can adapt.
-    "MixtralDecoderLayer": ("self_attn.o_proj",),
-    "Qwen2MoeDecoderLayer": ("self_attn.o_proj", "mlp.shared_expert.down_proj"),
-    "GPT2Block": ("attn.c_proj", "mlp.c_proj"),
-    "GPTNeoXLayer": ("attention.dense", "mlp.dense_4h_to_h"),
-}
-
 
 def _check_module_paths(paths: object) -> tuple[str, ...] | None:
     if paths is None:
@@ -109,7 +79,7 @@ class OrthogonalityConfig:
         rank_tolerance: relative singular-value cut-off for span(B_l) in mode "project".
         residual_modules: the modules of a decoder layer that write into the residual stream,
             as paths inside the layer (``["self_attn.o_proj", "mlp.down_proj"]``); None takes
-            them from ``RESIDUAL_WRITERS`` by the layer's class.
+            them from the family table (``steer_fast.families``) by the layer's class.
     """
 
     weight: float = 0.1
@@ -151,16 +121,6 @@ class OrthogonalityConfig:
                 f"unknown orthogonality config keys {unknown}; known keys: {sorted(known)}"
             )
         return cls(**values)
-
-
-def residual_writer_paths(
-    layer: nn.Module, residual_modules: Sequence[str] | None = None
-) -> tuple[str, ...] | None:
-    """The paths inside ``layer`` of its residual-writing modules: ``residual_modules`` when
-    given, else the table row of the layer's class; None when neither says."""
-    if residual_modules is not None:
-        return tuple(residual_modules)
-    return RESIDUAL_WRITERS.get(type(layer).__name__)
 
 
 def normalize_columns(matrix: torch.Tensor, eps: float) -> torch.Tensor:

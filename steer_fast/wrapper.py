@@ -2,6 +2,22 @@
 
 Calls go to the wrapped model (``forward`` with labels and all, ``generate``, and any attribute
 the wrapper lacks); the steering adapters are those of the wrapped model's steered blocks.
+
+The verbs a PEFT user types mean what they mean in PEFT, on both models:
+
+- ``disable_adapter()``: a context manager running the base model (every adapter off),
+  restoring the previous state on exit; ``disable_adapter_layers()`` /
+  ``enable_adapter_layers()`` switch every adapter off / on until switched again;
+- ``enable_adapters()`` / ``disable_adapters()``, transformers' spelling of the same switches,
+  also usable as context managers that switch back on exit;
+- ``print_trainable_parameters()``, ``get_nb_trainable_parameters()``, ``get_base_model()``,
+  ``save_pretrained``, ``from_pretrained``, ``unload()``;
+- ``merge_and_unload``, ``merge_adapter``, ``unmerge_adapter``, ``add_adapter``,
+  ``load_adapter``, ``set_adapter`` and ``delete_adapter`` raise NotImplementedError saying
+  why, instead of reaching the wrapped transformers model's methods of the same names.
+
+``disable_steering()`` switches the steering part alone off (the LoRA part of a JointModel keeps
+running).
 """
 
 from __future__ import annotations
@@ -14,26 +30,68 @@ import torch
 from torch import nn
 
 from .adapter import PostBlockAdapter
+from .saved_state import EXTRA_STATE_KEY, decode_state, encode_state, is_adapter_key
 from .validation import check_scale
 
 if TYPE_CHECKING:
+    from .block import SteeredBlock
     from .config import SteerConfig
-    from .model import SteeredBlock
+
+
+class AdapterSwitch:
+    """The result of ``enable_adapters()`` / ``disable_adapters()``: the switch has happened
+    when it is returned; used as a context manager, it puts the previous state back on exit."""
+
+    def __init__(self, wrapper: SteeringWrapper, enabled: bool) -> None:
+        self._wrapper = wrapper
+        self._previous = wrapper._adapter_layer_state()
+        wrapper._set_adapter_layers(enabled)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._wrapper._restore_adapter_layer_state(self._previous)
 
 
 class SteeringWrapper(nn.Module):
     """Base of SteerModel and JointModel.
 
     Subclasses name the attribute that holds the wrapped model (``wrapped_attribute``), keep
-    their SteerConfig as ``steer_config`` and list their steered blocks (``_steered_blocks``).
+    their SteerConfig as ``steer_config``, list their steered blocks (``_steered_blocks``), name
+    their adapter parameters (``_adapter_parameter_names``) and describe their saved state
+    (``_saved_state`` / ``_load_saved_state``). ``state_dict()`` then holds the adapter
+    parameters and that state (under "_extra_state"), not the frozen base weights, so that a
+    transformers Trainer checkpoint of the wrapper is an adapter checkpoint.
     """
 
     wrapped_attribute: str = ""
     steer_config: SteerConfig
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_state_dict_post_hook(_keep_adapter_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_base_weights)
+
+    # --- what subclasses provide -----------------------------------------------------------
+
     def _steered_blocks(self) -> dict[int, SteeredBlock]:
         """Decoder-layer index -> its SteeredBlock, in index order."""
         raise NotImplementedError
+
+    def _adapter_parameter_names(self) -> set[str]:
+        """Names (in this wrapper) of every adapter parameter, trainable or frozen."""
+        raise NotImplementedError
+
+    def _saved_state(self) -> dict[str, Any]:
+        """The JSON state ``state_dict()`` carries under "_extra_state"."""
+        raise NotImplementedError
+
+    def _load_saved_state(self, values: dict[str, Any]) -> None:
+        """Check a loaded "_extra_state" against this wrapper and take over what may differ."""
+        raise NotImplementedError
+
+    # --- the wrapped model -----------------------------------------------------------------
 
     def _wrapped(self) -> nn.Module:
         return getattr(self, self.wrapped_attribute)
@@ -71,6 +129,8 @@ class SteeringWrapper(nn.Module):
         """The wrapped model's generate (the adapters run inside its layers)."""
         return self._wrapped().generate(*args, **kwargs)
 
+    # --- parameters ------------------------------------------------------------------------
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable parameters, all parameters)."""
         trainable = total = 0
@@ -80,13 +140,39 @@ class SteeringWrapper(nn.Module):
                 trainable += parameter.numel()
         return trainable, total
 
+    def _trainable_line(self, detail: str = "") -> str:
+        """PEFT's line: "trainable params: N || all params: M || trainable%: P"."""
+        trainable, total = self.get_nb_trainable_parameters()
+        return (
+            f"trainable params: {trainable:,d}{detail} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def _freeze_for_inference(self) -> None:
+        """What ``from_pretrained(is_trainable=False)`` does: every adapter frozen, eval mode."""
+        names = self._adapter_parameter_names()
+        for name, parameter in self.named_parameters():
+            if name in names:
+                parameter.requires_grad_(False)
+        self.eval()
+
+    # --- steering --------------------------------------------------------------------------
+
     def get_adapters(self) -> dict[int, PostBlockAdapter]:
         """Decoder-layer index -> its PostBlockAdapter."""
         return {index: block.steer_adapter for index, block in self._steered_blocks().items()}
 
     def steering_paths(self) -> dict[int, str]:
-        """Decoder-layer index -> "fused" or "plain" (see ``steer_fast.model``)."""
+        """Decoder-layer index -> "fused" or "plain" (see ``steer_fast.block``)."""
         return {index: block.path for index, block in self._steered_blocks().items()}
+
+    def steering_report(self) -> str:
+        """One line per steered layer: index, class, path and why."""
+        return "\n".join(
+            f"layer {index}: {type(block.base_layer).__name__} -> {block.path} "
+            f"({block.path_reason})"
+            for index, block in self._steered_blocks().items()
+        )
 
     def set_scale(self, scale: float) -> None:
         """Set the steering strength s of every post-block adapter (0: no steering)."""
@@ -95,19 +181,110 @@ class SteeringWrapper(nn.Module):
             adapter.scale = scale
         self.steer_config.scale = scale
 
+    def _steering_state(self) -> list[tuple[SteeredBlock, bool]]:
+        return [(block, block.steering_enabled) for block in self._steered_blocks().values()]
+
+    def _set_steering(self, enabled: bool) -> None:
+        for block in self._steered_blocks().values():
+            block.steering_enabled = enabled
+
+    @staticmethod
+    def _restore_steering(state: list[tuple[SteeredBlock, bool]]) -> None:
+        for block, enabled in state:
+            block.steering_enabled = enabled
+
     @contextlib.contextmanager
     def disable_steering(self) -> Iterator[None]:
-        """Run without the post-block adapters inside the block: every steered layer runs its
-        own forward, exactly."""
-        blocks = list(self._steered_blocks().values())
-        previous = [block.steering_enabled for block in blocks]
+        """Run without the post-block adapters inside the block (every steered layer runs its
+        own forward, exactly); other adapters keep running. Restores the previous state."""
+        state = self._steering_state()
         try:
-            for block in blocks:
-                block.steering_enabled = False
+            self._set_steering(False)
             yield
         finally:
-            for block, enabled in zip(blocks, previous, strict=True):
-                block.steering_enabled = enabled
+            self._restore_steering(state)
+
+    # --- PEFT's switches -------------------------------------------------------------------
+    # Subclasses with adapters besides steering extend these three.
+
+    def _adapter_layer_state(self) -> Any:
+        return self._steering_state()
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        self._set_steering(enabled)
+
+    def _restore_adapter_layer_state(self, state: Any) -> None:
+        self._restore_steering(state)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: every adapter off inside the block, the previous state restored
+        on exit (PEFT's ``PeftModel.disable_adapter``)."""
+        state = self._adapter_layer_state()
+        try:
+            self._set_adapter_layers(False)
+            yield
+        finally:
+            self._restore_adapter_layer_state(state)
+
+    def enable_adapter_layers(self) -> None:
+        """Switch every adapter on (PEFT's verb)."""
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off until ``enable_adapter_layers()`` (PEFT's verb)."""
+        self._set_adapter_layers(False)
+
+    def enable_adapters(self) -> AdapterSwitch:
+        """Switch every adapter on now (transformers' verb); as a context manager, switch back
+        to the previous state on exit."""
+        return AdapterSwitch(self, True)
+
+    def disable_adapters(self) -> AdapterSwitch:
+        """Switch every adapter off now (transformers' verb); as a context manager
+        (``with model.disable_adapters(): ...``), switch back to the previous state on exit."""
+        return AdapterSwitch(self, False)
+
+    # --- PEFT verbs that have no meaning here ----------------------------------------------
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Not possible: see ``merge_adapter``."""
+        raise NotImplementedError(_CANNOT_MERGE)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible: post-block steering acts on the residual stream after each block,
+        through a nonlinearity and not through a weight, so it has no weight to merge into."""
+        raise NotImplementedError(_CANNOT_MERGE)
+
+    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible: nothing is ever merged (see ``merge_adapter``)."""
+        raise NotImplementedError(_CANNOT_MERGE)
+
+    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: a steer_fast model holds one adapter."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="add_adapter"))
+
+    def load_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: a steer_fast model holds one adapter."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="load_adapter"))
+
+    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: a steer_fast model holds one adapter."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="set_adapter"))
+
+    def delete_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not supported: a steer_fast model holds one adapter."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="delete_adapter"))
+
+    # --- state -----------------------------------------------------------------------------
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The configs as a uint8 tensor of JSON, so that state_dict() carries them."""
+        return encode_state(self._saved_state())
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a loaded state_dict is for this model; take over its scale."""
+        self._load_saved_state(decode_state(state, type(self).__name__))
 
     def steering_tensors(self) -> dict[str, torch.Tensor]:
         """Every adapter tensor on the CPU, keyed as in steer_model.safetensors
@@ -124,3 +301,32 @@ class SteeringWrapper(nn.Module):
             for index, adapter in self.get_adapters().items():
                 for name, parameter in adapter.state_dict(keep_vars=True).items():
                     parameter.copy_(tensors[f"layers.{index}.{name}"])
+
+
+_CANNOT_MERGE = (
+    "post-block steering acts on the residual stream after each decoder block, not through a "
+    "weight, so it cannot be merged into the model's weights; unload() takes the adapters off "
+    "and gives back the base model"
+)
+_ONE_ADAPTER = (
+    "{verb}: a steer_fast model holds one adapter; build another model with get_steer_model / "
+    "from_pretrained for another adapter"
+)
+
+
+def _keep_adapter_state(module: SteeringWrapper, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: keep the adapters and the extra state, drop the frozen base
+    weights (they belong to the base model's own checkpoint)."""
+    keep = module._adapter_parameter_names()
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name = key[len(prefix) :]
+        if name != EXTRA_STATE_KEY and name not in keep:
+            del state_dict[key]
+
+
+def _ignore_missing_base_weights(module: SteeringWrapper, incompatible_keys) -> None:
+    """load_state_dict post-hook: an adapter state_dict has no base weights."""
+    keep = module._adapter_parameter_names()
+    incompatible_keys.missing_keys[:] = [
+        key for key in incompatible_keys.missing_keys if is_adapter_key(key, keep)
+    ]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
+import steer_fast.families
 import steer_fast.ops
 import steer_fast.orthogonality
 from steer_fast import (
@@ -197,6 +198,8 @@ def test_apply_orthogonality_projects_only_in_mode_project():
             assert after == before
 
 
+# The family table by layer class.
+FAMILY_ROWS = {row.layer_class: row for row in steer_fast.families.FAMILIES}
 # The leaf names that make LoRA adapt exactly the table's residual writers of each family.
 RESIDUAL_LEAVES = {
     "gpt2": ["c_proj"],
@@ -207,7 +210,7 @@ RESIDUAL_LEAVES = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_residual_writer_table_covers_the_families(family):
     layer_class = type(decoder_layers(tiny_causal_lm(family), family)[0]).__name__
-    paths = steer_fast.orthogonality.RESIDUAL_WRITERS[layer_class]
+    paths = FAMILY_ROWS[layer_class].residual_writers
     targets = RESIDUAL_LEAVES.get(family, [path.rsplit(".", 1)[1] for path in paths])
     model = joint(family, lora_config=lora(target_modules=targets))
     layers_name = model.layers_name
@@ -228,7 +231,7 @@ def test_the_mlp_writer_adds_straight_into_the_residual_stream(family):
     """What the table claims: a change to the writer's output is a change of the layer output."""
     model = tiny_causal_lm(family)
     layer = decoder_layers(model, family)[0]
-    paths = steer_fast.orthogonality.RESIDUAL_WRITERS[type(layer).__name__]
+    paths = FAMILY_ROWS[type(layer).__name__].residual_writers
     writer = layer.get_submodule(paths[-1])
     outputs = []
     layer.register_forward_hook(
@@ -260,9 +263,10 @@ def _bad_inputs():
             "lora_config must be a peft.LoraConfig",
             {"lora_config": peft.IA3Config(target_modules=["o_proj"], feedforward_modules=[])},
         ),
-        ("selects no module", {"lora_config": lora(target_modules=["no_such_module"])}),
-        ("selects no module", {"lora_config": lora(target_modules=r".*\.attn\.c_attn")}),
-        ("selects no module", {"lora_config": lora(layers_to_transform=[7])}),
+        # PEFT's own error for targets that match nothing.
+        ("not found in the base model", {"lora_config": lora(target_modules=["no_such_module"])}),
+        ("not found in the base model", {"lora_config": lora(target_modules=r".*\.attn\.c_attn")}),
+        ("not found in the base model", {"lora_config": lora(layers_to_transform=[7])}),
         ("inference_mode", {"lora_config": inference}),
         ("weight", {"orthogonality": orthogonality_weight}),
         ("mode", {"orthogonality": orthogonality_mode}),
@@ -289,7 +293,7 @@ def test_bad_input_raises_and_leaves_the_model_untouched(match, arguments):
 
 
 def test_unknown_family_needs_residual_modules(monkeypatch):
-    monkeypatch.delitem(steer_fast.orthogonality.RESIDUAL_WRITERS, "LlamaDecoderLayer")
+    monkeypatch.delitem(steer_fast.families._BY_LAYER_CLASS, "LlamaDecoderLayer")
     base = tiny_causal_lm("llama")
     before = fingerprint(base)
     with pytest.raises(ValueError, match="residual_modules"):

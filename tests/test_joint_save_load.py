@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import steer_fast.joint as joint_module
+import steer_fast.saved_state as saved_state_module
 from steer_fast import JointModel, OrthogonalityConfig, SteerConfig, get_joint_model
 
 from tiny_models import random_input_ids, tiny_causal_lm
@@ -150,7 +150,7 @@ def test_a_failed_save_leaves_the_existing_directory_as_it_was(tmp_path, monkeyp
             raise OSError("disk full")
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(joint_module, "save_file", failing)
+    monkeypatch.setattr(saved_state_module, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
         trained(scale=0.5).save_pretrained(target)
     assert tree(target) == before

@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 
 from steer_fast import PostBlockAdapter, SteerConfig, SteerModel, get_steer_model
-from steer_fast.model import find_decoder_layers, inject_steering, remove_steering
+from steer_fast.injection import find_decoder_layers, inject_steering, remove_steering
 from steer_fast.reference import reference_post_block_steer
 
 from tiny_models import (
@@ -332,7 +332,7 @@ def test_any_model_with_a_layer_list_takes_the_plain_path():
     reference = copy.deepcopy(base)
     model = get_steer_model(base, config(rank=2, activation="tanh"))
     assert model.steering_paths() == {0: "plain", 1: "plain", 2: "plain"}
-    assert "not in the fused-block table" in model.steering_report()
+    assert "not in the family table" in model.steering_report()
     randomize_adapters(model.get_adapters())
     for index, adapter in model.get_adapters().items():
         add_reference_steering_on(reference.layers[index], adapter)

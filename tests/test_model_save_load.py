@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import steer_fast.model as steer_model_module
+import steer_fast.saved_state as saved_state_module
+import steer_fast.saving as saving_module
 from steer_fast import SteerConfig, SteerModel, get_steer_model
 
 from tiny_models import (
@@ -176,7 +177,7 @@ def test_a_failed_write_leaves_the_old_directory_intact(tmp_path, monkeypatch):
             handle.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(steer_model_module, "save_file", failing_save_file)
+    monkeypatch.setattr(saved_state_module, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
         trained(activation="relu").save_pretrained(target)
     assert tree(target) == before
@@ -194,7 +195,7 @@ def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
             raise OSError("rename failed")
         real_rename(source, destination)
 
-    monkeypatch.setattr(steer_model_module.os, "rename", rename)
+    monkeypatch.setattr(saving_module.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
         trained(activation="relu").save_pretrained(target)
     assert tree(target) == before

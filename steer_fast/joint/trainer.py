@@ -1,4 +1,4 @@
-"""Training a JointModel with the transformers Trainer.
+"""JointTrainer: training a JointModel with the transformers Trainer.
 
 ``JointTrainer`` adds the orthogonality penalty to the loss (mode "penalty"), projects after
 every optimizer step (mode "project"), logs the task loss and the penalty, and gives the LoRA
@@ -17,8 +17,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
-from .joint import JointModel
-from .validation import check_learning_rate
+from ..shims import trainer_accumulation_steps, trainer_loss_is_scaled
+from ..validation import check_learning_rate
+from .model import JointModel
 
 
 class _OrthogonalityCallback(TrainerCallback):
@@ -115,24 +116,13 @@ class JointTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         joint: JointModel = self.model
-        decay = set(self.get_decay_parameter_names(joint))
-        groups = []
-        for part, learning_rate, named in (
-            ("lora", self.lora_learning_rate, joint.lora_named_parameters()),
-            ("steering", self.steer_learning_rate, joint.steering_named_parameters()),
-        ):
-            learning_rate = self.args.learning_rate if learning_rate is None else learning_rate
-            for decays in (True, False):
-                params = [p for n, p in named if p.requires_grad and (n in decay) == decays]
-                if params:
-                    groups.append(
-                        {
-                            "params": params,
-                            "lr": learning_rate,
-                            "weight_decay": self.args.weight_decay if decays else 0.0,
-                            "name": part,
-                        }
-                    )
+        default = self.args.learning_rate
+        groups = joint.parameter_groups(
+            default if self.lora_learning_rate is None else self.lora_learning_rate,
+            default if self.steer_learning_rate is None else self.steer_learning_rate,
+            weight_decay=self.args.weight_decay,
+            decay_parameter_names=set(self.get_decay_parameter_names(joint)),
+        )
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
@@ -154,16 +144,6 @@ class JointTrainer(Trainer):
 
     # --- loss ------------------------------------------------------------------------------
 
-    def _loss_is_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
-        """Whether the Trainer takes the loss as already normalised over the whole accumulated
-        batch (it divides it by the accumulation steps otherwise): the Trainer's own rule."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-        return bool(scaled)
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -177,8 +157,8 @@ class JointTrainer(Trainer):
         )
         if model.training:
             joint: JointModel = self.model
-            steps = getattr(self, "current_gradient_accumulation_steps", 1) or 1
-            scaled = self._loss_is_scaled_for_accumulation(num_items_in_batch)
+            steps = trainer_accumulation_steps(self)
+            scaled = trainer_loss_is_scaled(self, num_items_in_batch)
             # This micro-batch's share of one optimizer step: the micro-batch losses of a step
             # add up to the step's loss once the Trainer has divided the unscaled ones.
             share = 1.0 / steps

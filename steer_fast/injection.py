@@ -1,0 +1,274 @@
+"""Finding a model's decoder layers, planning their steering, and putting it in and out.
+
+``plan_steering(model, config)`` validates a SteerConfig against a model and decides each
+layer's path without touching the model; ``apply_steering_plan`` then puts a SteeredBlock in
+place of each planned layer, building every block first so that a failure leaves the model as it
+was. ``inject_steering`` / ``remove_steering`` do both steps and undo them without a wrapper
+(and without freezing anything), for code that combines steering with other adapters;
+SteerModel and JointModel are built on the same two steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import PostBlockAdapter
+from .block import PATH_FUSED, PATH_PLAIN, LayerPlan, SteeredBlock
+from .config import SteerConfig
+from .families import check_fused_layer, family_for
+from .ops import resolve_backend
+from .shims import layer_forward_function
+from .validation import TORCH_DTYPES
+from .wrapper import SteeringWrapper
+
+# Where decoder layers live when ``_no_split_modules`` does not say (and to break ties).
+KNOWN_LAYER_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.decoder.layers",
+    "decoder.layers",
+    "transformer.h",
+    "transformer.layers",
+    "transformer.blocks",
+    "gpt_neox.layers",
+    "layers",
+    "h",
+    "blocks",
+)
+
+
+def _path_rank(name: str) -> int | None:
+    """Position in KNOWN_LAYER_PATHS of the first usual place ``name`` is (or ends with)."""
+    for rank, path in enumerate(KNOWN_LAYER_PATHS):
+        if name == path or name.endswith("." + path):
+            return rank
+    return None
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, list) of ``model``'s decoder layers.
+
+    The list is the ModuleList whose layers are all of a class named in the ``_no_split_modules``
+    of the model (or of a transformers model inside it); failing that, a ModuleList at a usual
+    place (``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...). Among several
+    candidates, the one at the most specific usual place wins (``model.language_model.layers``
+    over a vision tower's ``encoder.layers``).
+
+    Raises:
+        ValueError: if no such list exists, or if several remain.
+    """
+    no_split: set[str] = set()
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if isinstance(names, (list, tuple, set)):
+            no_split.update(name for name in names if isinstance(name, str))
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0
+    ]
+    candidates = [
+        (name, module)
+        for name, module in lists
+        if all(type(layer).__name__ in no_split for layer in module)
+    ]
+    if not candidates:
+        candidates = [(name, module) for name, module in lists if _path_rank(name) is not None]
+    ranks = [_path_rank(name) for name, _ in candidates]
+    if len(candidates) > 1 and any(rank is not None for rank in ranks):
+        best = min(rank for rank in ranks if rank is not None)
+        candidates = [c for c, rank in zip(candidates, ranks, strict=True) if rank == best]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no recognisable decoder layers: expected a "
+            f"ModuleList of layers named in _no_split_modules ({sorted(no_split)}) or one at "
+            f"{list(KNOWN_LAYER_PATHS)}"
+        )
+    raise ValueError(
+        f"model ({type(model).__name__}) has several candidate decoder-layer lists "
+        f"{[name for name, _ in candidates]}; steer one language model at a time"
+    )
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        size = getattr(text_config, "hidden_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, nn.Embedding):
+        return embeddings.embedding_dim
+    raise ValueError(
+        f"cannot tell the hidden size of {type(model).__name__}: it has neither "
+        "config.hidden_size nor input embeddings"
+    )
+
+
+def _first_floating(module: nn.Module) -> torch.Tensor | None:
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
+@dataclass(frozen=True)
+class SteeringPlan:
+    """Everything ``inject_steering`` will do, decided (and validated) before it does it.
+
+    Attributes:
+        config: the config, hidden_size and num_layers filled in.
+        layers_name: the name of the decoder-layer ModuleList in the model.
+        layers: the plan of each steered layer, by index.
+        dtype: the adapters' dtype.
+    """
+
+    config: SteerConfig
+    layers_name: str
+    layers: tuple[LayerPlan, ...]
+    dtype: torch.dtype
+
+
+def _check_config(config: object) -> SteerConfig:
+    if not isinstance(config, SteerConfig):
+        raise ValueError(f"config must be a steer_fast.SteerConfig, got {type(config).__name__}")
+    # A copy, validated again: fields may have been changed after construction.
+    return dataclasses.replace(config)
+
+
+def plan_steering(model: nn.Module, config: SteerConfig) -> SteeringPlan:
+    """Validate ``config`` against ``model`` and decide each layer's path; changes nothing.
+
+    Raises:
+        ValueError: for a bad config, a model that is already steered or has no recognisable
+            decoder layers, a layer index out of range, a hidden size or layer count other than
+            the config's (an adapter saved for another model), or a dtype or backend the
+            kernels cannot run here.
+    """
+    config = _check_config(config)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, SteeringWrapper) or any(
+        isinstance(m, SteeredBlock) for m in model.modules()
+    ):
+        raise ValueError("model is already steered; unload() it before steering it again")
+    layers_name, layers = find_decoder_layers(model)
+    hidden_size = _hidden_size(model)
+    if config.hidden_size is not None and config.hidden_size != hidden_size:
+        raise ValueError(
+            f"the steer config is for hidden_size={config.hidden_size}, but the model's hidden "
+            f"size is {hidden_size}"
+        )
+    if config.num_layers is not None and config.num_layers != len(layers):
+        raise ValueError(
+            f"the steer config is for num_layers={config.num_layers}, but the model has "
+            f"{len(layers)} decoder layers ({layers_name})"
+        )
+    indices = range(len(layers)) if config.layers is None else config.layers
+    out_of_range = [index for index in indices if index >= len(layers)]
+    if out_of_range:
+        raise ValueError(
+            f"layers {out_of_range} out of range: the model has {len(layers)} decoder layers "
+            f"(valid indices 0..{len(layers) - 1})"
+        )
+    dtype = config.dtype
+    if dtype is None:
+        reference = _first_floating(layers)
+        dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+        if dtype not in TORCH_DTYPES:
+            raise ValueError(
+                f"the model's dtype {dtype} is not supported by the steering kernels; set "
+                f"SteerConfig.dtype to one of {[str(d) for d in TORCH_DTYPES]}"
+            )
+    for device in {_layer_device(layers[index]) for index in indices}:
+        resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
+
+    plans = []
+    for index in indices:
+        layer = layers[index]
+        name = type(layer).__name__
+        if not config.fuse_residual:
+            plans.append(LayerPlan(index, name, PATH_PLAIN, "fuse_residual=False"))
+            continue
+        spec, reason = check_fused_layer(layer, layer_forward_function(layer))
+        row = family_for(layer)
+        if spec is None and row is not None and row.spec is not None:
+            warnings.warn(
+                f"steer_fast: layer {index} ({name}) has a fused layout in the family table but "
+                f"takes the plain path: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        path = PATH_PLAIN if spec is None else PATH_FUSED
+        plans.append(LayerPlan(index, name, path, reason, spec))
+    filled = dataclasses.replace(config, hidden_size=hidden_size, num_layers=len(layers))
+    return SteeringPlan(filled, layers_name, tuple(plans), dtype)
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    reference = next(iter([*layer.parameters(), *layer.buffers()]), None)
+    return reference.device if reference is not None else torch.device("cpu")
+
+
+def apply_steering_plan(model: nn.Module, plan: SteeringPlan) -> dict[int, PostBlockAdapter]:
+    """Put a SteeredBlock in place of each planned layer; returns the new adapters by index.
+
+    Every block is built before the first layer is replaced, so a failure leaves ``model`` as
+    it was. Adapters start as the identity (``up`` zero) on their layer's device.
+    """
+    layers = model.get_submodule(plan.layers_name)
+    config = plan.config
+    blocks = {}
+    for layer_plan in plan.layers:
+        layer = layers[layer_plan.index]
+        adapter = PostBlockAdapter(
+            config.hidden_size,
+            config.rank,
+            activation=config.activation,
+            bias=config.bias,
+            scale=config.scale,
+            device=_layer_device(layer),
+            dtype=plan.dtype,
+            backend=config.backend,
+        )
+        blocks[layer_plan.index] = SteeredBlock(layer, adapter, layer_plan)
+    for index, block in blocks.items():
+        layers[index] = block
+    return {index: block.steer_adapter for index, block in blocks.items()}
+
+
+def inject_steering(model: nn.Module, config: SteerConfig) -> dict[int, PostBlockAdapter]:
+    """Steer ``model`` in place: validate, then replace the chosen decoder layers by
+    SteeredBlocks. Returns the new adapters by layer index. Parameters' requires_grad are left
+    as they are (SteerModel freezes the base model)."""
+    return apply_steering_plan(model, plan_steering(model, config))
+
+
+def steered_blocks(model: nn.Module) -> dict[int, SteeredBlock]:
+    """The SteeredBlocks in ``model``, by decoder-layer index."""
+    return {
+        module.layer_index: module for module in model.modules() if isinstance(module, SteeredBlock)
+    }
+
+
+def remove_steering(model: nn.Module) -> dict[int, PostBlockAdapter]:
+    """Put every steered layer's original module back; returns the removed adapters by index."""
+    removed = {}
+    for module in list(model.modules()):
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for position, block in enumerate(module):
+            if isinstance(block, SteeredBlock):
+                module[position] = block.base_layer
+                removed[block.layer_index] = block.steer_adapter
+    return removed

@@ -1,0 +1,368 @@
+"""JointModel: PEFT LoRA and post-block steering on one model, kept apart by a constraint.
+
+``get_joint_model(model, steer_config, lora_config, orthogonality)`` puts two adapters on one
+transformers model, in this order:
+
+1. LoRA, by PEFT itself (``peft.get_peft_model``), on the modules ``lora_config`` names: a
+   weight update W x -> W x + (alpha / r) B A x;
+2. a post-block adapter after each chosen decoder layer, by steer_fast: an activation update
+   h -> h + s * (U phi(D h + b_d) + b_u).
+
+Both train; the base model stays frozen. ``steer_fast.orthogonality`` defines the constraint
+that keeps them from writing the same directions into the residual stream,
+
+    P = sum_l || hat(U_l)^T hat(B_l) ||_F^2
+
+(U_l: layer l's steering up-projection; B_l: the LoRA B matrices of layer l's modules that write
+into the residual stream, side by side; hat: columns scaled to unit length), applied as a
+penalty in the loss (mode "penalty"), as a projection of U_l onto the orthogonal complement of
+span(B_l) after each optimizer step (mode "project"), or not at all (mode "none").
+
+``steer_fast.joint.trainer.JointTrainer`` is a transformers Trainer that adds the penalty, logs
+it, projects, and gives the two parts their own learning rates. ``JointModel.save_pretrained``
+writes PEFT's adapter files, steer_fast's steering files and a joint config into one folder
+(``steer_fast.joint.files``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from torch import nn
+
+from ..block import is_steering_parameter
+from ..config import SteerConfig
+from ..injection import apply_steering_plan, remove_steering
+from ..orthogonality import OrthogonalityConfig
+from ..saved_state import (
+    check_is_trainable,
+    raise_if_different,
+    structural_differences,
+    with_backend,
+    write_steering_files,
+    write_tensors,
+)
+from ..saving import save_directory_atomically
+from ..shims import peft_adapter_layers_enabled
+from ..validation import check_learning_rate
+from ..wrapper import SteeringWrapper
+from .constraint import LORA_ADAPTER_NAME, OrthogonalityConstraint
+from .files import (
+    JOINT_CONFIG_NAME,
+    JOINT_FILES,
+    JOINT_FORMAT_VERSION,
+    JOINT_TYPE,
+    PEFT_WEIGHTS_NAME,
+    KeyMap,
+    check_joint_values,
+    lora_config_dict,
+    lora_differences,
+    peft_config_to_save,
+    read_saved_joint,
+)
+from .plan import ModelSnapshot, plan_joint
+
+
+class JointModel(SteeringWrapper):
+    """A transformers model with PEFT LoRA and post-block steering, trained together.
+
+    Build it with ``get_joint_model``. ``peft_model`` is the PeftModel holding the LoRA part;
+    the transformers model inside it (``get_base_model()``) has the LoRA layers and, in place of
+    each steered decoder layer, a SteeredBlock. Calls go to ``peft_model`` (``forward`` with
+    labels and all, ``generate``, and any attribute JointModel does not have). The trainable
+    parameters are those PEFT makes trainable (the LoRA part) and the steering adapters; the
+    base model is frozen. PEFT's switches (``disable_adapter()``, ``disable_adapter_layers()``,
+    ...) act on both parts; ``disable_steering()`` on the steering part alone.
+
+    ``state_dict()`` holds both adapters and the configs (under "_extra_state"), not the base
+    weights, so that a transformers Trainer checkpoint of a JointModel is an adapter checkpoint
+    that ``resume_from_checkpoint`` and ``JointModel.from_pretrained`` restore.
+
+    Args:
+        model: a transformers model without adapters; modified in place (``unload()`` gives it
+            back as it was).
+        steer_config: the steering to apply.
+        lora_config: the LoRA to apply (a ``peft.LoraConfig``; not modified).
+        orthogonality: the constraint between the two (default ``OrthogonalityConfig()``).
+
+    Raises:
+        ValueError: for bad input (see ``plan_joint``; PEFT's own errors for a LoRA config that
+            does not fit the model), with the model left as it was.
+    """
+
+    wrapped_attribute = "peft_model"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steer_config: SteerConfig,
+        lora_config: LoraConfig,
+        orthogonality: OrthogonalityConfig | None = None,
+    ) -> None:
+        super().__init__()
+        plan = plan_joint(model, steer_config, lora_config, orthogonality)
+        snapshot = ModelSnapshot(model)
+        try:
+            peft_model = get_peft_model(model, plan.lora_config, adapter_name=LORA_ADAPTER_NAME)
+            lora_parameters = {id(p) for p in model.parameters() if p.requires_grad}
+            apply_steering_plan(model, plan.steering)
+            constraint = OrthogonalityConstraint(model, plan)
+        except BaseException:
+            snapshot.restore()
+            raise
+        self._requires_grad_before = snapshot.requires_grad
+        self.peft_model = peft_model
+        self.steer_config = plan.steering.config
+        self.orthogonality = plan.orthogonality
+        self.layers_name = plan.steering.layers_name
+        self.constraint = constraint
+        self.key_map = KeyMap(self.layers_name, set(constraint.layers))
+        # By name, which stays valid when the parameters are moved or converted.
+        self._lora_parameter_names = {
+            name for name, parameter in self.named_parameters() if id(parameter) in lora_parameters
+        }
+        constraint.warn_if_vacuous(self.steer_config.hidden_size)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model, LoRA layers and steered blocks in place."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def lora_config(self) -> LoraConfig:
+        """The LoRA config as PEFT holds it."""
+        return self.peft_model.peft_config[LORA_ADAPTER_NAME]
+
+    # --- the two parts ---------------------------------------------------------------------
+
+    def _steered_blocks(self):
+        return {index: layer.block for index, layer in self.constraint.layers.items()}
+
+    def _adapter_parameter_names(self) -> set[str]:
+        steering = {name for name, _ in self.named_parameters() if is_steering_parameter(name)}
+        return steering | self._lora_parameter_names
+
+    def lora_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The LoRA part: the parameters PEFT made trainable (LoRA A and B, and whatever else
+        the LoRA config trains), with their names in this model."""
+        return [(n, p) for n, p in self.named_parameters() if n in self._lora_parameter_names]
+
+    def steering_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The steering part: every post-block adapter's D, U and biases."""
+        return [(n, p) for n, p in self.named_parameters() if is_steering_parameter(n)]
+
+    def parameter_groups(
+        self,
+        lora_learning_rate: float,
+        steer_learning_rate: float,
+        weight_decay: float = 0.0,
+        decay_parameter_names: set[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Optimizer parameter groups, one per part, each with its own learning rate::
+
+            torch.optim.AdamW(model.parameter_groups(2e-4, 1e-3))
+
+        Frozen parameters (``from_pretrained(..., is_trainable=False)``) are left out; each
+        group has a "name" ("lora", "steering"). With ``decay_parameter_names`` (the Trainer's
+        ``get_decay_parameter_names``), each part is split into a group with ``weight_decay``
+        (those names) and one without; otherwise every group gets ``weight_decay``.
+        """
+        groups = []
+        for name, learning_rate, named in (
+            ("lora", lora_learning_rate, self.lora_named_parameters()),
+            ("steering", steer_learning_rate, self.steering_named_parameters()),
+        ):
+            learning_rate = check_learning_rate(f"{name} learning rate", learning_rate)
+            trainable = [(n, p) for n, p in named if p.requires_grad]
+            if decay_parameter_names is None:
+                splits = [(weight_decay, [p for _, p in trainable])]
+            else:
+                splits = [
+                    (weight_decay, [p for n, p in trainable if n in decay_parameter_names]),
+                    (0.0, [p for n, p in trainable if n not in decay_parameter_names]),
+                ]
+            for decay, params in splits:
+                if params:
+                    groups.append(
+                        {"params": params, "lr": learning_rate, "weight_decay": decay, "name": name}
+                    )
+        return groups
+
+    def print_trainable_parameters(self) -> None:
+        """Print the parameter counts, per part."""
+        lora = sum(p.numel() for _, p in self.lora_named_parameters() if p.requires_grad)
+        steering = sum(p.numel() for _, p in self.steering_named_parameters() if p.requires_grad)
+        print(self._trainable_line(f" (lora: {lora:,d}, steering: {steering:,d})"))
+
+    # --- PEFT's switches act on both parts -------------------------------------------------
+
+    def _adapter_layer_state(self) -> Any:
+        return self._steering_state(), peft_adapter_layers_enabled(self.get_base_model())
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        self._set_steering(enabled)
+        tuner = self.peft_model.base_model
+        tuner.enable_adapter_layers() if enabled else tuner.disable_adapter_layers()
+
+    def _restore_adapter_layer_state(self, state: Any) -> None:
+        steering, lora_enabled = state
+        self._restore_steering(steering)
+        tuner = self.peft_model.base_model
+        tuner.enable_adapter_layers() if lora_enabled else tuner.disable_adapter_layers()
+
+    # --- the constraint --------------------------------------------------------------------
+
+    def constrained_modules(self) -> dict[int, list[str]]:
+        """Steered-layer index -> the LoRA-adapted modules whose B matrices enter its penalty
+        (paths in the model without steering). An empty list: the constraint is vacuous there."""
+        return self.constraint.modules()
+
+    def orthogonality_report(self) -> str:
+        """One line per steered layer: the shapes that enter its penalty term, or why none."""
+        return self.constraint.report()
+
+    def _device(self) -> torch.device:
+        reference = next(self.get_base_model().parameters(), None)
+        return reference.device if reference is not None else torch.device("cpu")
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """P = sum_l || hat(U_l)^T hat(B_l) ||_F^2 (``steer_fast.orthogonality``), unweighted, in
+        fp32, on the model's device; differentiable with respect to every U_l and B. Computed in
+        every mode (mode "none" reports it without using it)."""
+        return self.constraint.penalty(self._device())
+
+    def orthogonality_term(self) -> torch.Tensor:
+        """What the constraint adds to the training loss: ``weight * orthogonality_loss()`` in
+        mode "penalty", a zero scalar (nothing computed) in the other modes."""
+        if self.orthogonality.mode != "penalty" or self.orthogonality.weight == 0:
+            return torch.zeros((), dtype=torch.float32, device=self._device())
+        return self.orthogonality.weight * self.orthogonality_loss()
+
+    def apply_orthogonality(self) -> None:
+        """The step to take after each optimizer step: in mode "project", U_l <- U_l - Q Q^T U_l
+        in place for every steered layer (Q: an orthonormal basis of span(B_l)); nothing in the
+        other modes."""
+        if self.orthogonality.mode == "project":
+            self.constraint.project()
+
+    # --- unload ----------------------------------------------------------------------------
+
+    def unload(self) -> nn.Module:
+        """Take both adapters off: the original layers and modules go back in place (no LoRA
+        merged) and the parameters get back the requires_grad they had. Returns the model; this
+        JointModel is then empty."""
+        model = self.get_base_model()
+        # Steering first: PEFT's unload takes any module with a ``base_layer`` for one of its own.
+        remove_steering(model)
+        self.peft_model.unload()
+        for parameter, flag in self._requires_grad_before:
+            parameter.requires_grad_(flag)
+        self._requires_grad_before = []
+        self.constraint.layers = {}
+        del self.peft_model
+        return model
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _joint_values(self) -> dict[str, Any]:
+        return {
+            "joint_type": JOINT_TYPE,
+            "format_version": JOINT_FORMAT_VERSION,
+            "orthogonality": self.orthogonality.to_dict(),
+        }
+
+    def _saved_state(self) -> dict[str, Any]:
+        return {
+            **self._joint_values(),
+            "steer_config": self.steer_config.to_dict(),
+            "lora_config": lora_config_dict(self.lora_config),
+        }
+
+    def _load_saved_state(self, values: dict[str, Any]) -> None:
+        check_joint_values(values, "the saved JointModel state")
+        steer = SteerConfig.from_dict(values["steer_config"])
+        differing = structural_differences(steer, self.steer_config, "steer ")
+        differing.update(lora_differences(values["lora_config"], self.lora_config))
+        raise_if_different(differing, "joint model")
+        self.set_scale(steer.scale)
+
+    def _lora_tensors(self) -> dict[str, torch.Tensor]:
+        """PEFT's adapter state dict, with the keys of the model without steering."""
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=LORA_ADAPTER_NAME)
+        return {
+            self.key_map.to_saved(key): tensor.detach().to("cpu").clone().contiguous()
+            for key, tensor in state.items()
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write both parts to ``save_directory`` (see ``steer_fast.joint.files``): PEFT's
+        adapter_config.json and adapter_model.safetensors (``peft.PeftModel.from_pretrained``
+        loads the LoRA part alone), steer_fast's steer_config.json and steer_model.safetensors,
+        and joint_config.json with the orthogonality settings.
+
+        The files are written to a new directory beside it, which then takes its place in one
+        rename; other files in an existing ``save_directory`` are carried over. A failed save
+        leaves an existing directory as it was.
+        """
+        lora_tensors = self._lora_tensors()
+        steering_tensors = self.steering_tensors()
+        peft_config, auto_mapping = peft_config_to_save(self.lora_config, self.get_base_model())
+        joint_text = json.dumps(self._joint_values(), indent=2, sort_keys=True) + "\n"
+
+        def write(staging: Path) -> None:
+            write_tensors(lora_tensors, staging / PEFT_WEIGHTS_NAME)
+            peft_config.save_pretrained(str(staging), auto_mapping_dict=auto_mapping)
+            write_steering_files(staging, self.steer_config, steering_tensors)
+            (staging / JOINT_CONFIG_NAME).write_text(joint_text, encoding="utf-8")
+
+        save_directory_atomically(save_directory, write, JOINT_FILES)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        save_directory: str | os.PathLike,
+        is_trainable: bool = False,
+        backend: str | None = None,
+    ) -> JointModel:
+        """Put the LoRA and steering saved in ``save_directory`` on ``model``.
+
+        ``save_directory`` is a ``save_pretrained`` directory or a transformers Trainer
+        checkpoint of a JointModel. Everything that can be checked before ``model`` is touched
+        is; if loading the weights fails afterwards, ``model`` is put back as it was. With
+        ``is_trainable=False`` (PEFT's default) both parts are frozen and the model is put in
+        eval mode. ``backend`` overrides the saved steering backend.
+
+        Raises:
+            ValueError: if the directory holds no valid joint adapter, or one that does not fit
+                ``model``.
+        """
+        check_is_trainable(is_trainable)
+        saved = read_saved_joint(Path(save_directory))
+        snapshot = ModelSnapshot(model) if isinstance(model, nn.Module) else None
+        steer_config = with_backend(saved.steer_config, backend)
+        joint = cls(model, steer_config, saved.lora_config, saved.orthogonality)
+        try:
+            saved.load_into(joint)
+        except BaseException:
+            snapshot.restore()
+            raise
+        if not is_trainable:
+            joint._freeze_for_inference()
+        return joint
+
+
+def get_joint_model(
+    model: nn.Module,
+    steer_config: SteerConfig,
+    lora_config: LoraConfig,
+    orthogonality: OrthogonalityConfig | None = None,
+) -> JointModel:
+    """Put PEFT LoRA (``lora_config``) and post-block steering (``steer_config``) on ``model``,
+    in place, kept apart by ``orthogonality`` (default ``OrthogonalityConfig()``): see
+    JointModel. Only the two adapters are trainable."""
+    return JointModel(model, steer_config, lora_config, orthogonality)

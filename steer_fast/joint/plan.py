@@ -1,0 +1,209 @@
+"""Planning a JointModel: every check before the model is touched, and undoing a failed change.
+
+``plan_joint`` validates the configs and the model and plans the steering; PEFT then checks the
+LoRA config itself while ``get_peft_model`` applies it (its own errors, such as a
+``target_modules`` that matches no module, are ValueErrors), inside a ``ModelSnapshot`` that
+puts the model back as it was if anything fails halfway.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..block import SteeredBlock
+from ..config import SteerConfig
+from ..families import residual_writer_paths
+from ..injection import SteeringPlan, plan_steering
+from ..orthogonality import OrthogonalityConfig
+from ..wrapper import SteeringWrapper
+
+
+@dataclass(frozen=True)
+class JointPlan:
+    """Everything a JointModel will do, decided (and validated) before the model is touched.
+
+    Attributes:
+        steering: the steering plan (``steer_fast.injection.plan_steering``).
+        lora_config: the LoRA config PEFT gets (a copy of the caller's).
+        orthogonality: the orthogonality settings.
+        residual_paths: for each steered layer, the paths (inside the layer) of its modules that
+            write into the residual stream; LoRA may adapt any of them or none.
+    """
+
+    steering: SteeringPlan
+    lora_config: LoraConfig
+    orthogonality: OrthogonalityConfig
+    residual_paths: dict[int, tuple[str, ...]]
+
+
+def _check_orthogonality(orthogonality: object) -> OrthogonalityConfig:
+    if orthogonality is None:
+        return OrthogonalityConfig()
+    if not isinstance(orthogonality, OrthogonalityConfig):
+        raise ValueError(
+            "orthogonality must be a steer_fast.OrthogonalityConfig or None, got "
+            f"{type(orthogonality).__name__}"
+        )
+    # A copy, validated again: fields may have been changed after construction.
+    return dataclasses.replace(orthogonality)
+
+
+def _check_lora_config(lora_config: object) -> LoraConfig:
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    if lora_config.inference_mode:
+        raise ValueError(
+            "lora_config.inference_mode is True, which freezes the LoRA weights; get_joint_model "
+            "builds a model to train (load a trained one with JointModel.from_pretrained)"
+        )
+    # PEFT fills in and rewrites fields of the config it is given; the caller's stays as it was.
+    return copy.deepcopy(lora_config)
+
+
+def _check_unadapted(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, (SteeringWrapper, PeftModel)):
+        raise ValueError(
+            f"model is a {type(model).__name__}; pass the transformers model itself (unload() "
+            "the adapters first)"
+        )
+    if any(isinstance(module, (BaseTunerLayer, SteeredBlock)) for module in model.modules()):
+        raise ValueError("model already holds PEFT or steering adapters; unload() them first")
+    return model
+
+
+def _output_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, Conv1D):
+        return module.nf
+    return None
+
+
+def _present_residual_writers(
+    layer: nn.Module, index: int, paths: tuple[str, ...], hidden_size: int
+) -> tuple[str, ...]:
+    """The paths of ``paths`` that exist in ``layer``, each checked to write hidden-size
+    outputs."""
+    present = []
+    for path in paths:
+        try:
+            module = layer.get_submodule(path)
+        except AttributeError:
+            continue
+        features = _output_features(module)
+        if features is None:
+            raise ValueError(
+                f"residual-writing module {path!r} of layer {index} is a "
+                f"{type(module).__name__}; expected an nn.Linear or a transformers Conv1D"
+            )
+        if features != hidden_size:
+            raise ValueError(
+                f"residual-writing module {path!r} of layer {index} writes {features} features, "
+                f"but the residual stream has {hidden_size}; orthogonality.residual_modules must "
+                "name modules whose output is added to the residual stream"
+            )
+        present.append(path)
+    return tuple(present)
+
+
+def plan_joint(
+    model: nn.Module,
+    steer_config: SteerConfig,
+    lora_config: LoraConfig,
+    orthogonality: OrthogonalityConfig | None = None,
+) -> JointPlan:
+    """Validate everything get_joint_model needs against ``model``, except what PEFT checks
+    itself while applying ``lora_config``; changes nothing.
+
+    Raises:
+        ValueError: for a bad steer config (see ``plan_steering``), a ``lora_config`` that is
+            not a ``peft.LoraConfig``, a bad orthogonality config (negative weight, unknown
+            mode, ...), a model that already holds adapters, residual-writing modules that do
+            not exist or do not write a hidden-size output, or a layer family without known
+            residual writers in mode "penalty" or "project".
+    """
+    orthogonality = _check_orthogonality(orthogonality)
+    lora_config = _check_lora_config(lora_config)
+    model = _check_unadapted(model)
+    steering = plan_steering(model, steer_config)
+
+    layers = model.get_submodule(steering.layers_name)
+    residual_paths: dict[int, tuple[str, ...]] = {}
+    unknown: list[str] = []
+    for layer_plan in steering.layers:
+        index = layer_plan.index
+        paths = residual_writer_paths(layers[index], orthogonality.residual_modules)
+        if paths is None:
+            unknown.append(f"{index} ({type(layers[index]).__name__})")
+            paths = ()
+        residual_paths[index] = _present_residual_writers(
+            layers[index], index, paths, steering.config.hidden_size
+        )
+    if orthogonality.residual_modules is not None and not any(residual_paths.values()):
+        raise ValueError(
+            f"orthogonality.residual_modules {list(orthogonality.residual_modules)} names no "
+            f"module of the steered layers ({type(layers[steering.layers[0].index]).__name__})"
+        )
+    if unknown:
+        message = (
+            f"the residual-writing modules of steered layers {unknown} are unknown: their class is "
+            "not in the family table (steer_fast.families.FAMILIES); name them with "
+            "OrthogonalityConfig(residual_modules=[...]) (paths inside a decoder layer, such as "
+            "'self_attn.o_proj')"
+        )
+        if orthogonality.mode != "none":
+            raise ValueError(message)
+        warnings.warn(f"steer_fast: {message}; their penalty is reported as 0", stacklevel=3)
+    return JointPlan(steering, lora_config, orthogonality, residual_paths)
+
+
+# nn.Module's stores of children, parameters, buffers and hooks.
+_MODULE_STORES = (
+    "_modules",
+    "_parameters",
+    "_buffers",
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+class ModelSnapshot:
+    """The structure of a model (every module's children, parameters, buffers and hooks), its
+    parameters' requires_grad flags and its root attributes, to put back after a change fails
+    halfway (PEFT replaces modules one by one and may raise after the first)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._stores = [
+            (store, dict(store))
+            for module in model.modules()
+            for store in (getattr(module, name, None) for name in _MODULE_STORES)
+            if store is not None
+        ]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self._attributes = dict(vars(model))
+
+    def restore(self) -> None:
+        for store, saved in self._stores:
+            store.clear()
+            store.update(saved)
+        for parameter, flag in self.requires_grad:
+            parameter.requires_grad_(flag)
+        attributes = vars(self.model)  # PEFT sets peft_config (and more) on the model
+        for name in [name for name in attributes if name not in self._attributes]:
+            del attributes[name]
+        for name, value in self._attributes.items():
+            if attributes[name] is not value:
+                attributes[name] = value
