@@ -57,6 +57,12 @@ operands in the storage dtype (bf16/fp16 tensor cores) with fp32 accumulation; f
 interpreter bf16 dot operands are upcast to fp32 first, because the interpreter's bf16 dot is wrong
 (triton#11584); everything else runs as on the GPU.
 
+Launches. ``plan_forward`` and ``plan_backward`` describe every launch as a ``KernelLaunch`` that
+passes each kernel parameter by keyword, under its name in the kernel's signature. Tensors come in
+one order from the public op down to the kernels' parameters: hidden, down_weight, up_weight,
+down_bias, up_bias, residual for the forward; grad_out, out, z, down_weight, up_weight, up_bias
+for the backward.
+
 Layouts. ``hidden``, ``residual`` and ``grad_out`` may be 2-D [N, d] or 3-D [B, T, d] with any
 strides (row r lives at (r // T) * stride_0 + (r % T) * stride_1); weights may have any strides.
 ``out``, ``z`` and the gradients are allocated contiguous. Row offsets are int64.
@@ -153,15 +159,15 @@ def _steer_output_tile(
 
 @triton.jit
 def _post_block_steer_forward_kernel(
-    hidden_ptr, residual_ptr, down_weight_ptr, up_weight_ptr, down_bias_ptr, up_bias_ptr,
+    hidden_ptr, down_weight_ptr, up_weight_ptr, down_bias_ptr, up_bias_ptr, residual_ptr,
     out_ptr, z_ptr,
     n_rows, hidden_size, rank, rows_per_outer,
     stride_hidden_outer, stride_hidden_inner, stride_hidden_col,
     stride_residual_outer, stride_residual_inner, stride_residual_col,
     stride_down_rank, stride_down_col, stride_up_col, stride_up_rank,
     scale,
-    ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
@@ -242,7 +248,7 @@ def _post_block_steer_forward_kernel(
 
 @triton.jit
 def _post_block_steer_backward_rows_kernel(
-    grad_out_ptr, up_weight_ptr, z_ptr, grad_z_ptr,
+    grad_out_ptr, z_ptr, up_weight_ptr, grad_z_ptr,
     n_rows, hidden_size, rank, rows_per_outer,
     stride_grad_outer, stride_grad_inner, stride_grad_col,
     stride_up_col, stride_up_rank,
@@ -280,7 +286,7 @@ def _post_block_steer_backward_rows_kernel(
 
 @triton.jit
 def _post_block_steer_backward_cols_kernel(
-    grad_out_ptr, out_ptr, z_ptr, grad_z_ptr, down_weight_ptr, up_weight_ptr, up_bias_ptr,
+    grad_out_ptr, out_ptr, z_ptr, down_weight_ptr, up_weight_ptr, up_bias_ptr, grad_z_ptr,
     grad_hidden_ptr, partial_ptr,
     n_rows, hidden_size, rank, rows_per_outer, rows_per_split, partial_stride,
     stride_grad_outer, stride_grad_inner, stride_grad_col,
@@ -376,7 +382,7 @@ def _post_block_steer_backward_cols_kernel(
 
 @triton.jit
 def _reduce_weight_grads_kernel(
-    partial_ptr, grad_down_ptr, grad_up_ptr, grad_up_bias_ptr, grad_down_bias_ptr,
+    partial_ptr, grad_down_weight_ptr, grad_up_weight_ptr, grad_down_bias_ptr, grad_up_bias_ptr,
     n_splits, n_weight, hidden_size, rank,
     BLOCK: tl.constexpr,
 ):
@@ -392,11 +398,12 @@ def _reduce_weight_grads_kernel(
     up_bias_start = 2 * n_weight
     down_bias_start = 2 * n_weight + hidden_size
     tl.store(
-        grad_down_ptr + offsets, total.to(grad_down_ptr.dtype.element_ty),
+        grad_down_weight_ptr + offsets, total.to(grad_down_weight_ptr.dtype.element_ty),
         mask=offsets < up_start,
     )
     tl.store(
-        grad_up_ptr + (offsets - up_start), total.to(grad_up_ptr.dtype.element_ty),
+        grad_up_weight_ptr + (offsets - up_start),
+        total.to(grad_up_weight_ptr.dtype.element_ty),
         mask=(offsets >= up_start) & (offsets < up_bias_start),
     )
     tl.store(
@@ -453,7 +460,7 @@ def padded_rank(rank: int) -> int:
 
 
 # Launch heuristics, keyed on (d, padded rank, dtype), never on the token count. They were
-# chosen by compiling candidate shapes for sm_90 (kernels/compile_check.py reports registers
+# chosen by compiling candidate shapes for sm_90 (bench/compile_check.py reports registers
 # and spills) and keeping the largest tiles that compile without register spills:
 #   forward two-pass  32 x 128, 8 warps: 80 registers (bf16, r <= 64), 128 (fp32, r <= 16);
 #                     fp32 at r_pad >= 32 needs 16 rows; r_pad >= 128 needs 64-column chunks.
@@ -523,18 +530,50 @@ def _dot_types(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     return tl.float32, "ieee"
 
 
-class _RowLayout(NamedTuple):
-    rows_per_outer: int
-    stride_outer: int
-    stride_inner: int
-    stride_col: int
+def _common_kwargs(
+    rows: torch.Tensor, dtype: torch.dtype, rank: int, activation: str, scale: float
+) -> dict:
+    """The parameters the forward, rows and columns kernels share, under their names.
+
+    ``rows`` is the 2-D [N, d] or 3-D [B, T, d] tensor the kernel streams row by row (its
+    ``rows_per_outer`` is T, or N for 2-D, whose outer stride is 0); ``dtype`` is the storage
+    dtype, which sets the dot's operand dtype and precision.
+    """
+    hidden_size = rows.shape[-1]
+    operand_dtype, input_precision = _dot_types(dtype)
+    return dict(
+        n_rows=rows.numel() // hidden_size,
+        hidden_size=hidden_size,
+        rank=rank,
+        rows_per_outer=max(rows.shape[-2], 1),
+        scale=float(scale),
+        ACTIVATION=activation_id(activation),
+        OPERAND_DTYPE=operand_dtype,
+        INPUT_PRECISION=input_precision,
+        R_PAD=padded_rank(rank),
+    )
 
 
-def _row_layout(tensor: torch.Tensor) -> _RowLayout:
-    """Strides that address a 2-D [N, d] or 3-D [B, T, d] tensor row by row, without a copy."""
+def _row_strides(name: str, tensor: torch.Tensor) -> dict[str, int]:
+    """The kernel arguments ``stride_{name}_outer``, ``_inner`` and ``_col`` that address a 2-D
+    [N, d] or 3-D [B, T, d] tensor row by row, without a copy."""
     if tensor.dim() == 2:
-        return _RowLayout(max(tensor.shape[0], 1), 0, tensor.stride(0), tensor.stride(1))
-    return _RowLayout(max(tensor.shape[1], 1), tensor.stride(0), tensor.stride(1), tensor.stride(2))
+        outer, (inner, col) = 0, tensor.stride()
+    else:
+        outer, inner, col = tensor.stride()
+    return {
+        f"stride_{name}_outer": outer, f"stride_{name}_inner": inner, f"stride_{name}_col": col
+    }
+
+
+def _down_strides(down_weight: torch.Tensor) -> dict[str, int]:
+    """Strides of D [r, d] under the kernels' parameter names."""
+    return dict(stride_down_rank=down_weight.stride(0), stride_down_col=down_weight.stride(1))
+
+
+def _up_strides(up_weight: torch.Tensor) -> dict[str, int]:
+    """Strides of U [d, r] under the kernels' parameter names."""
+    return dict(stride_up_col=up_weight.stride(0), stride_up_rank=up_weight.stride(1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,15 +595,20 @@ class SteerBackward(NamedTuple):
 
 
 class KernelLaunch(NamedTuple):
-    """One kernel launch, fully specified: ``kernel[grid](*args, **meta)``."""
+    """One kernel launch, fully specified: ``kernel[grid](**kwargs, **options)``.
+
+    ``kwargs`` gives every parameter of the kernel (tensors, ints, floats and constexprs) by its
+    name in the kernel's signature; ``options`` holds the launch options num_warps and
+    num_stages.
+    """
 
     kernel: object
     grid: tuple[int, ...]
-    args: tuple
-    meta: dict
+    kwargs: dict
+    options: dict
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
+        self.kernel[self.grid](**self.kwargs, **self.options)
 
 
 class LaunchPlan(NamedTuple):
@@ -595,37 +639,32 @@ def plan_forward(
         return LaunchPlan([], result)
 
     config = config or default_forward_config(hidden_size, rank, hidden.dtype)
-    operand_dtype, input_precision = _dot_types(hidden.dtype)
-    hidden_layout = _row_layout(hidden)
-    residual_layout = _row_layout(residual) if residual is not None else hidden_layout
-    args = (
-        hidden, residual if residual is not None else hidden,
-        down_weight, up_weight,
-        down_bias if down_bias is not None else down_weight,
-        up_bias if up_bias is not None else up_weight,
-        out, z,
-        n_rows, hidden_size, rank, hidden_layout.rows_per_outer,
-        hidden_layout.stride_outer, hidden_layout.stride_inner, hidden_layout.stride_col,
-        residual_layout.stride_outer, residual_layout.stride_inner, residual_layout.stride_col,
-        down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
-        float(scale),
-    )
-    meta = dict(
-        ACTIVATION=activation_id(activation),
-        HAS_RESIDUAL=residual is not None,
+    kwargs = dict(
+        hidden_ptr=hidden,
+        down_weight_ptr=down_weight,
+        up_weight_ptr=up_weight,
+        # An absent tensor's HAS_* flag is off and the kernel never reads it: any pointer does.
+        down_bias_ptr=down_bias if down_bias is not None else down_weight,
+        up_bias_ptr=up_bias if up_bias is not None else up_weight,
+        residual_ptr=residual if residual is not None else hidden,
+        out_ptr=out,
+        z_ptr=z,
+        **_common_kwargs(hidden, hidden.dtype, rank, activation, scale),
+        **_row_strides("hidden", hidden),
+        **_row_strides("residual", residual if residual is not None else hidden),
+        **_down_strides(down_weight),
+        **_up_strides(up_weight),
         HAS_DOWN_BIAS=down_bias is not None,
         HAS_UP_BIAS=up_bias is not None,
-        OPERAND_DTYPE=operand_dtype,
-        INPUT_PRECISION=input_precision,
+        HAS_RESIDUAL=residual is not None,
         BLOCK_M=config.block_m,
         BLOCK_D=config.block_d,
-        R_PAD=padded_rank(rank),
         SINGLE_PASS=config.block_d >= hidden_size,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     grid = (triton.cdiv(n_rows, config.block_m),)
-    return LaunchPlan([KernelLaunch(_post_block_steer_forward_kernel, grid, args, meta)], result)
+    launch = KernelLaunch(_post_block_steer_forward_kernel, grid, kwargs, options)
+    return LaunchPlan([launch], result)
 
 
 def plan_backward(
@@ -657,32 +696,24 @@ def plan_backward(
         return LaunchPlan([], result)
 
     config = config or default_backward_config(hidden_size, rank, out.dtype)
-    operand_dtype, input_precision = _dot_types(out.dtype)
-    r_pad = padded_rank(rank)
-    grad_layout = _row_layout(grad_out)
-    scale = float(scale)
-    activation_index = activation_id(activation)
-    shared_meta = dict(
-        ACTIVATION=activation_index,
-        OPERAND_DTYPE=operand_dtype,
-        INPUT_PRECISION=input_precision,
-        R_PAD=r_pad,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
+    # The parameters the rows and columns kernels share, under the same names.
+    shared = dict(
+        grad_out_ptr=grad_out,
+        z_ptr=z,
+        up_weight_ptr=up_weight,
+        grad_z_ptr=grad_z,
+        **_common_kwargs(grad_out, out.dtype, rank, activation, scale),
+        **_row_strides("grad", grad_out),
+        **_up_strides(up_weight),
     )
 
-    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
     rows_launch = KernelLaunch(
         _post_block_steer_backward_rows_kernel,
         (triton.cdiv(n_rows, config.rows_block_m),),
-        (
-            grad_out, up_weight, z, grad_z,
-            n_rows, hidden_size, rank, grad_layout.rows_per_outer,
-            grad_layout.stride_outer, grad_layout.stride_inner, grad_layout.stride_col,
-            up_weight.stride(0), up_weight.stride(1),
-            scale,
-        ),
-        dict(shared_meta, BLOCK_M=config.rows_block_m, BLOCK_D=config.rows_block_d),
+        dict(shared, BLOCK_M=config.rows_block_m, BLOCK_D=config.rows_block_d),
+        options,
     )
 
     n_col_tiles = triton.cdiv(hidden_size, config.cols_block_d)
@@ -697,30 +728,40 @@ def plan_backward(
     cols_launch = KernelLaunch(
         _post_block_steer_backward_cols_kernel,
         (n_col_tiles, splits),
-        (
-            grad_out, out, z, grad_z, down_weight, up_weight,
-            up_bias if up_bias is not None else up_weight,
-            result.grad_hidden, partials,
-            n_rows, hidden_size, rank, grad_layout.rows_per_outer, rows_per_split,
-            partial_stride,
-            grad_layout.stride_outer, grad_layout.stride_inner, grad_layout.stride_col,
-            down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
-            scale,
-        ),
         dict(
-            shared_meta, HAS_UP_BIAS=up_bias is not None,
-            BLOCK_M=config.cols_block_m, BLOCK_D=config.cols_block_d,
+            shared,
+            out_ptr=out,
+            down_weight_ptr=down_weight,
+            # HAS_UP_BIAS off: never read.
+            up_bias_ptr=up_bias if up_bias is not None else up_weight,
+            grad_hidden_ptr=result.grad_hidden,
+            partial_ptr=partials,
+            rows_per_split=rows_per_split,
+            partial_stride=partial_stride,
+            **_down_strides(down_weight),
+            HAS_UP_BIAS=up_bias is not None,
+            BLOCK_M=config.cols_block_m,
+            BLOCK_D=config.cols_block_d,
         ),
+        options,
     )
 
     reduce_launch = KernelLaunch(
         _reduce_weight_grads_kernel,
         (triton.cdiv(partial_stride, _REDUCE_BLOCK),),
-        (
-            partials, result.grad_down_weight, result.grad_up_weight, result.grad_up_bias,
-            result.grad_down_bias, splits, rank * hidden_size, hidden_size, rank,
+        dict(
+            partial_ptr=partials,
+            grad_down_weight_ptr=result.grad_down_weight,
+            grad_up_weight_ptr=result.grad_up_weight,
+            grad_down_bias_ptr=result.grad_down_bias,
+            grad_up_bias_ptr=result.grad_up_bias,
+            n_splits=splits,
+            n_weight=rank * hidden_size,
+            hidden_size=hidden_size,
+            rank=rank,
+            BLOCK=_REDUCE_BLOCK,
         ),
-        dict(BLOCK=_REDUCE_BLOCK),
+        {},  # Triton's default warps and stages
     )
     return LaunchPlan([rows_launch, cols_launch, reduce_launch], result)
 

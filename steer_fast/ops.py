@@ -3,8 +3,8 @@
 Two custom ops carry the work, so that torch.compile(fullgraph=True) traces through them without
 a graph break and autograd sees one node per steered block:
 
-    steer_fast::post_block_steer_forward(hidden, residual?, down_weight, up_weight, down_bias?,
-        up_bias?, activation, scale, backend) -> (out, z)
+    steer_fast::post_block_steer_forward(hidden, down_weight, up_weight, down_bias?, up_bias?,
+        residual?, activation, scale, backend) -> (out, z)
     steer_fast::post_block_steer_backward(grad_out, out, z, down_weight, up_weight, up_bias?,
         activation, scale, backend) -> (grad_h, grad_down_weight, grad_up_weight,
         grad_down_bias, grad_up_bias)
@@ -12,6 +12,11 @@ a graph break and autograd sees one node per steered block:
 ``backend`` inside the ops is already resolved to "triton" or "torch". The autograd formula
 saves ``out`` and z (N x r) and nothing of size N x d beyond ``out``; the gradient of ``hidden``
 and of ``residual`` is the same tensor dh.
+
+Tensors keep one order from ``post_block_steer`` through both ops and both backends down to the
+kernels' parameters: hidden, down_weight, up_weight, down_bias, up_bias, residual forward, and
+grad_out, out, z, down_weight, up_weight, up_bias backward (gradients come back in the forward
+order, grad_h standing for hidden and residual).
 """
 
 import functools
@@ -92,24 +97,28 @@ def _warn_no_triton() -> None:
 
 def _forward_impl(
     hidden: torch.Tensor,
-    residual: torch.Tensor | None,
     down_weight: torch.Tensor,
     up_weight: torch.Tensor,
     down_bias: torch.Tensor | None,
     up_bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
     activation: str,
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, z) from the resolved backend: the body of the forward custom op."""
-    if backend == "triton":
-        result = _kernels().post_block_steer_forward(
-            hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale
-        )
-        return result.out, result.z
-    return torch_backend.forward(
-        hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale
+    forward = _kernels().post_block_steer_forward if backend == "triton" else torch_backend.forward
+    out, z = forward(
+        hidden=hidden,
+        down_weight=down_weight,
+        up_weight=up_weight,
+        down_bias=down_bias,
+        up_bias=up_bias,
+        residual=residual,
+        activation=activation,
+        scale=scale,
     )
+    return out, z
 
 
 _forward_op = torch.library.custom_op(
@@ -119,7 +128,7 @@ _forward_op = torch.library.custom_op(
 
 @_forward_op.register_fake
 def _forward_fake(
-    hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend
+    hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale, backend
 ):
     out = hidden.new_empty(hidden.shape)
     z = hidden.new_empty(
@@ -140,14 +149,20 @@ def _backward_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return tuple(
-            _kernels().post_block_steer_backward(
-                grad_out, out, z, down_weight, up_weight, up_bias, activation, scale
-            )
+    backward = (
+        _kernels().post_block_steer_backward if backend == "triton" else torch_backend.backward
+    )
+    return tuple(
+        backward(
+            grad_out=grad_out,
+            out=out,
+            z=z,
+            down_weight=down_weight,
+            up_weight=up_weight,
+            up_bias=up_bias,
+            activation=activation,
+            scale=scale,
         )
-    return torch_backend.backward(
-        grad_out, out, z, down_weight, up_weight, up_bias, activation, scale
     )
 
 
@@ -164,7 +179,7 @@ def _backward_fake(grad_out, out, z, down_weight, up_weight, up_bias, activation
 
 
 def _setup_context(ctx, inputs, output):
-    _, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend = inputs
+    _, down_weight, up_weight, down_bias, up_bias, residual, activation, scale, backend = inputs
     out, z = output
     ctx.save_for_backward(out, z, down_weight, up_weight, up_bias)
     ctx.activation = activation
@@ -183,14 +198,14 @@ def _backward(ctx, grad_out, grad_z):
     )
     return (
         grad_h,
-        grad_h if ctx.has_residual else None,
         grad_down_weight,
         grad_up_weight,
         grad_down_bias if ctx.has_down_bias else None,
         grad_up_bias if ctx.has_up_bias else None,
-        None,
-        None,
-        None,
+        grad_h if ctx.has_residual else None,
+        None,  # activation
+        None,  # scale
+        None,  # backend
     )
 
 
@@ -238,7 +253,7 @@ def post_block_steer(
     check_inputs(hidden, down_weight, up_weight, down_bias, up_bias, residual)
     backend = resolve_backend(hidden, backend)
     arguments = (
-        hidden, residual, down_weight, up_weight, down_bias, up_bias, activation, scale, backend
+        hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale, backend
     )
     if _needs_registered_op(arguments):
         out, _ = _forward_op(*arguments)

@@ -42,9 +42,9 @@ def kernel_launches(monkeypatch):
     for direction in launches:
         original = getattr(kernels, f"post_block_steer_{direction}")
 
-        def counted(*args, original=original, direction=direction):
+        def counted(*args, original=original, direction=direction, **kwargs):
             launches[direction] += 1
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(kernels, f"post_block_steer_{direction}", counted)
     return launches

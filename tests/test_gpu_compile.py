@@ -1,17 +1,28 @@
 """The kernels compile for an H100 (sm_90) through Triton's whole pipeline, on the CPU.
 
 The interpreter checks what the kernels compute but never runs Triton's compiler; this runs
-kernels/compile_check.py (every kernel, dtype, activation, single- and two-pass forward, ranks
+bench/compile_check.py (every kernel, dtype, activation, single- and two-pass forward, ranks
 1 to 256, with the launch heuristics' block shapes) in a fresh interpreter without
 TRITON_INTERPRET, and checks ptxas's register report.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+pytest.importorskip("triton")
+
+# A developer tool, not part of the installed package: loaded from the repository's bench/ by
+# path (bench/ is not put on sys.path: its conftest.py would shadow this folder's).
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+_SPEC = importlib.util.spec_from_file_location("compile_check", BENCH / "compile_check.py")
+compile_check = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(compile_check)
 
 KERNELS = {
     "_post_block_steer_forward_kernel",
@@ -29,11 +40,23 @@ def _nvidia_backend_available() -> bool:
     return True
 
 
+def test_launches_name_every_kernel_parameter():
+    """Each launch passes every kernel parameter by its name and nothing else (the interpreter
+    drops unknown keywords silently; the compiled kernels would reject them)."""
+    seen = set()
+    for case in compile_check.CASES:
+        for launch in compile_check.case_launches(case, n_rows=4):
+            assert sorted(launch.kwargs) == sorted(launch.kernel.arg_names), launch.kernel
+            assert set(launch.options) <= {"num_warps", "num_stages"}
+            seen.add(launch.kernel.__name__)
+    assert seen == KERNELS
+
+
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="triton without its CUDA backend")
 def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-m", "steer_fast.kernels.compile_check", "--json"],
+        [sys.executable, str(BENCH / "compile_check.py"), "--json"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,11 +6,13 @@ On a machine without a GPU, backend="triton" runs the real Triton kernels under 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 import steer_fast
-from steer_fast import ACTIVATIONS, post_block_steer
+from steer_fast import ACTIVATIONS, post_block_steer, torch_backend
 from steer_fast.kernels import post_block_steer as kernels
 
 from op_helpers import (
@@ -268,6 +270,33 @@ def test_backward_keeps_no_extra_token_by_hidden_tensor(device):
     assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
     small = [t for t in saved if t.shape == (16, 4)]
     assert len(small) == 1 and small[0].dtype == torch.float32
+
+
+def test_one_tensor_order_from_the_op_to_the_kernels():
+    """The registered ops, both backends and the kernel launchers take the op's tensor order."""
+    forward = ["hidden", "down_weight", "up_weight", "down_bias", "up_bias", "residual"]
+    backward = ["grad_out", "out", "z", "down_weight", "up_weight", "up_bias"]
+    scalars = ["activation", "scale"]
+
+    def names(schema):
+        return [argument.name for argument in schema.arguments]
+
+    assert list(inspect.signature(post_block_steer).parameters)[:5] == forward[:5]
+    assert names(torch.ops.steer_fast.post_block_steer_forward.default._schema) == [
+        *forward, *scalars, "backend"
+    ]
+    assert names(torch.ops.steer_fast.post_block_steer_backward.default._schema) == [
+        *backward, *scalars, "backend"
+    ]
+    for function, order in [
+        (torch_backend.forward, forward),
+        (kernels.plan_forward, forward),
+        (kernels.post_block_steer_forward, forward),
+        (torch_backend.backward, backward),
+        (kernels.plan_backward, backward),
+        (kernels.post_block_steer_backward, backward),
+    ]:
+        assert list(inspect.signature(function).parameters)[:8] == [*order, *scalars], function
 
 
 def test_compile_fullgraph_torch_backend():

@@ -38,7 +38,10 @@ def test_counter_counts_exact_bytes():
     hidden = torch.randn(3, 16)
     down, up = torch.randn(1, 16), torch.randn(16, 1)
     with TrafficCounter() as traffic:
-        kernels.post_block_steer_forward(hidden, down, up, None, None, None, "identity", 1.0)
+        kernels.post_block_steer_forward(
+            hidden, down, up, down_bias=None, up_bias=None, residual=None, activation="identity",
+            scale=1.0,
+        )
     entry = traffic.by_kernel["_post_block_steer_forward_kernel"]
     # Single pass: read h (3 x 16) once, D (16) and U (16); write out (3 x 16) and z (3 x 1).
     assert entry.load_bytes == 4 * (3 * 16 + 16 + 16)

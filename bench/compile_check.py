@@ -6,9 +6,12 @@ CPU tensors with the launch heuristics of a large shape) and compiles each kerne
 Triton's full pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas to cubin) for a CUDA target, so a
 kernel that would not build on an H100 fails here, on the CPU.
 
-    python -m steer_fast.kernels.compile_check            # sm_90, every case in CASES
+    python bench/compile_check.py                 # sm_90, every case in CASES, as a table
+    python bench/compile_check.py --json          # one JSON record per compiled kernel
+    python bench/compile_check.py --arch 100      # another compute capability
 
-Must run with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted).
+Must run with TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted). It
+needs no GPU: Triton's NVIDIA backend ships the ptxas and cuobjdump it uses.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import post_block_steer as kernels
+from steer_fast.kernels import post_block_steer as kernels
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
@@ -58,20 +61,30 @@ CASES = [
 def _signature(launch: kernels.KernelLaunch) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) as Triton's JIT would specialise this launch.
 
-    Like the JIT: an int argument equal to 1 (a unit stride, typically) is compiled in as a
-    constant, and ints and pointers divisible by 16 carry a divisibility hint (fresh allocations
-    are 16-byte aligned on a GPU, so pointers get it unconditionally).
+    Every kernel parameter is looked up by name in ``launch.kwargs``, which must name each one
+    and nothing else. Like the JIT: an int argument equal to 1 (a unit stride, typically) is
+    compiled in as a constant, and ints and pointers divisible by 16 carry a divisibility hint
+    (fresh allocations are 16-byte aligned on a GPU, so pointers get it unconditionally).
     """
     fn = launch.kernel
-    constexprs = {k: v for k, v in launch.meta.items() if not k.startswith("num_")}
-    signature, attrs = {}, {}
-    for index, (name, value) in enumerate(zip(fn.arg_names, launch.args)):
-        if isinstance(value, torch.Tensor):
+    names = [param.name for param in fn.params]
+    missing = [name for name in names if name not in launch.kwargs]
+    unknown = [name for name in launch.kwargs if name not in names]
+    if missing or unknown:
+        raise TypeError(f"{fn.__name__}: missing arguments {missing}, unknown arguments {unknown}")
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        name, value = param.name, launch.kwargs[param.name]
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
             signature[name] = _POINTER_TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
         elif isinstance(value, int) and value == 1:
+            signature[name] = "constexpr"
             constexprs[name] = 1
         elif isinstance(value, int):
             signature[name] = "i32" if abs(value) < 2**31 else "i64"
@@ -79,16 +92,13 @@ def _signature(launch: kernels.KernelLaunch) -> tuple[dict, dict, dict]:
                 attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             raise TypeError(f"{name}: cannot type {type(value).__name__}")
-    for name in constexprs:
-        signature[name] = "constexpr"
     return signature, constexprs, attrs
 
 
 def compile_launch(launch: kernels.KernelLaunch, target: GPUTarget):
     signature, constexprs, attrs = _signature(launch)
     source = ASTSource(launch.kernel, signature, constexprs=constexprs, attrs=attrs)
-    options = {k: v for k, v in launch.meta.items() if k in ("num_warps", "num_stages")}
-    return triton.compile(source, target=target, options=options)
+    return triton.compile(source, target=target, options=launch.options)
 
 
 class ResourceUsage(NamedTuple):
@@ -128,10 +138,14 @@ def case_launches(case: CompileCase, n_rows: int = 64) -> list[kernels.KernelLau
     down_bias = torch.zeros(r, dtype=dtype) if case.bias else None
     up_bias = torch.zeros(d, dtype=dtype) if case.bias else None
     forward = kernels.plan_forward(
-        hidden, down, up, down_bias, up_bias, residual, case.activation, 0.5
+        hidden=hidden, down_weight=down, up_weight=up, down_bias=down_bias, up_bias=up_bias,
+        residual=residual, activation=case.activation, scale=0.5,
     )
     out, z = forward.result
-    backward = kernels.plan_backward(hidden, out, z, down, up, up_bias, case.activation, 0.5)
+    backward = kernels.plan_backward(
+        grad_out=hidden, out=out, z=z, down_weight=down, up_weight=up, up_bias=up_bias,
+        activation=case.activation, scale=0.5,
+    )
     return [*forward.launches, *backward.launches]
 
 
@@ -148,7 +162,7 @@ def compile_cases(arch: int = 90, cases: list[CompileCase] = CASES):
                 launch.kernel.__name__,
                 tuple(sorted(signature.items())),
                 tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-                launch.meta.get("num_warps"),
+                launch.options.get("num_warps"),
             )
             if key in seen:
                 continue
