@@ -91,13 +91,6 @@ BRANCH_POST_NORM = FusedBlockSpec(
 )
 
 
-# Attention output projection and MLP down projection: their outputs are the two residual
-# branches of a Llama-style layer. In Gemma2/3 and OLMo2/3 a norm sits between them and the
-# residual add (it rescales each channel), so there the constraint is on the directions the
-# modules write before that rescaling.
-ATTN_O_MLP_DOWN = ("self_attn.o_proj", "mlp.down_proj")
-
-
 @dataclass(frozen=True)
 class Family:
     """One row of the table: a transformers decoder-layer class and how steer_fast treats it.
@@ -107,19 +100,31 @@ class Family:
         layer_class: the decoder layer's class name.
         module: the transformers module defining it, ``transformers.models.<module>``.
         spec: the layer's layout for the fused path, or None: its layers take the plain path.
-        residual_writers: paths inside the layer of the modules whose outputs go straight into
-            its residual adds (the attention output and the MLP output projections).
+        attention_writer: path inside the layer of the module whose output is the attention
+            branch's contribution to the residual stream (the attention output projection).
+        mlp_writer: the same for the MLP branch (the MLP down projection), or None where no
+            module LoRA can adapt writes it.
+
+    In Gemma2/3 and OLMo2/3 a norm sits between the writers and the residual add (it rescales
+    each channel), so there a constraint on the writers is on the directions they write before
+    that rescaling.
     """
 
     model_type: str
     layer_class: str
     module: str
     spec: FusedBlockSpec | None
-    residual_writers: tuple[str, ...] = ATTN_O_MLP_DOWN
+    attention_writer: str = "self_attn.o_proj"
+    mlp_writer: str | None = "mlp.down_proj"
 
     @property
     def module_path(self) -> str:
         return f"transformers.models.{self.module}.modeling_{self.module}"
+
+    @property
+    def residual_writers(self) -> tuple[str, ...]:
+        """The modules whose outputs go straight into the layer's residual adds."""
+        return tuple(path for path in (self.attention_writer, self.mlp_writer) if path)
 
 
 # Each row was read against the transformers 5.17 and 5.23 source of the layer, and is checked by
@@ -128,16 +133,15 @@ class Family:
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "LlamaDecoderLayer", "llama", PRE_NORM),
     Family("mistral", "MistralDecoderLayer", "mistral", PRE_NORM),
-    # The routed experts are fused 3-D parameters (no nn.Linear): only the attention output is a
-    # module LoRA can adapt.
-    Family("mixtral", "MixtralDecoderLayer", "mixtral", PRE_NORM, ("self_attn.o_proj",)),
+    # The routed experts are fused 3-D parameters (no nn.Linear): no MLP writer LoRA can adapt.
+    Family("mixtral", "MixtralDecoderLayer", "mixtral", PRE_NORM, mlp_writer=None),
     Family("qwen2", "Qwen2DecoderLayer", "qwen2", PRE_NORM),
     Family(
         "qwen2_moe",
         "Qwen2MoeDecoderLayer",
         "qwen2_moe",
         PRE_NORM,
-        ("self_attn.o_proj", "mlp.shared_expert.down_proj"),
+        mlp_writer="mlp.shared_expert.down_proj",
     ),
     Family("qwen3", "Qwen3DecoderLayer", "qwen3", PRE_NORM),
     Family("gemma", "GemmaDecoderLayer", "gemma", PRE_NORM),
@@ -147,13 +151,10 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo", "OlmoDecoderLayer", "olmo", PRE_NORM),
     Family("olmo2", "Olmo2DecoderLayer", "olmo2", BRANCH_POST_NORM),
     Family("olmo3", "Olmo3DecoderLayer", "olmo3", BRANCH_POST_NORM),
-    Family(
-        "starcoder2", "Starcoder2DecoderLayer", "starcoder2", PRE_NORM,
-        ("self_attn.o_proj", "mlp.c_proj"),
-    ),
-    # Plain path (no fused layout): their residual writers serve joint adaptation.
-    Family("gpt2", "GPT2Block", "gpt2", None, ("attn.c_proj", "mlp.c_proj")),
-    Family("gpt_neox", "GPTNeoXLayer", "gpt_neox", None, ("attention.dense", "mlp.dense_4h_to_h")),
+    Family("starcoder2", "Starcoder2DecoderLayer", "starcoder2", PRE_NORM, mlp_writer="mlp.c_proj"),
+    # Plain path (no fused layout): their writers serve joint adaptation.
+    Family("gpt2", "GPT2Block", "gpt2", None, "attn.c_proj", "mlp.c_proj"),
+    Family("gpt_neox", "GPTNeoXLayer", "gpt_neox", None, "attention.dense", "mlp.dense_4h_to_h"),
 )
 
 _BY_LAYER_CLASS: dict[str, Family] = {row.layer_class: row for row in FAMILIES}
