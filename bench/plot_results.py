@@ -18,8 +18,9 @@ from steer_fast.benchmark.report import render_report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="a results.json written by steer-fast bench")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the PNGs (default: beside results.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the PNGs (default: beside results.json)"
+    )
     args = parser.parse_args()
     records = load_records(args.results)
     for path in write_plots(records, args.out or args.results.parent):

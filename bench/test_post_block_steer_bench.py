@@ -3,13 +3,8 @@
 import pytest
 import torch
 
-from steer_fast.benchmark.kernel_suite import (
-    KERNEL_METHODS,
-    KernelCase,
-    KernelInputs,
-    pass_function,
-)
-from steer_fast.benchmark.methods import MethodUnavailable
+from steer_fast.benchmark import KERNEL_METHODS, MethodUnavailable
+from steer_fast.benchmark.kernel_suite import KernelCase, KernelInputs, pass_function
 
 if torch.cuda.is_available():
     SHAPES = [(16384, 2048, 16), (65536, 4096, 64)]
@@ -35,14 +30,18 @@ def _synchronized(call, device):
 def test_post_block_steer(benchmark, device, method, pass_, tokens, hidden_size, rank):
     case = KernelCase(tokens, hidden_size, rank, "silu", DTYPE, residual=False)
     try:
-        steer = KERNEL_METHODS[method].setup(case, device)
+        steer = KERNEL_METHODS[method].setup(device)
     except MethodUnavailable as reason:
         pytest.skip(str(reason))
     inputs = KernelInputs.create(case, device, seed=0)
     run = _synchronized(pass_function(steer, case, inputs, pass_), device)
     run()  # compile / autotune outside the measurement
     benchmark.extra_info.update(
-        tokens=tokens, hidden_size=hidden_size, rank=rank, dtype=str(DTYPE), pass_=pass_,
+        tokens=tokens,
+        hidden_size=hidden_size,
+        rank=rank,
+        dtype=str(DTYPE),
+        pass_=pass_,
         min_bytes=case.min_bytes(pass_),
     )
     benchmark(run)

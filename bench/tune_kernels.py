@@ -1,4 +1,4 @@
-"""Sweep the Triton kernels' block shapes on a GPU (steer_fast.benchmark.kernel_tuning).
+"""Sweep the Triton kernels' block shapes on a GPU (the sweep: kernel_tuning.py, beside this).
 
     python bench/tune_kernels.py                                  # N = 16k, d 2048/4096/8192, bf16
     python bench/tune_kernels.py --hidden-sizes 4096 --ranks 8 64 --dtypes bfloat16 float32
@@ -21,11 +21,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 16, 64, 256])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"],
-                        choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"]
+    )
     parser.add_argument("--activation", default="silu")
-    parser.add_argument("--interpret", action="store_true",
-                        help="run the kernels under the Triton interpreter on tiny shapes")
+    parser.add_argument(
+        "--interpret",
+        action="store_true",
+        help="run the kernels under the Triton interpreter on tiny shapes",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.interpret:
@@ -33,7 +37,9 @@ def main() -> None:
 
     import torch
 
-    from steer_fast.benchmark.kernel_tuning import TuningShape, best_rows, tune
+    # Imported only now: the kernels read TRITON_INTERPRET when they are first imported.
+    from kernel_tuning import TuningShape, best_rows, tune
+
     from steer_fast.benchmark.timing import TimingPlan
 
     if args.interpret:
@@ -45,7 +51,9 @@ def main() -> None:
         device, quick, plan = torch.device("cuda"), False, None
         shapes = [
             TuningShape(args.tokens, d, r, getattr(torch, dtype), args.activation)
-            for dtype in args.dtypes for d in args.hidden_sizes for r in args.ranks
+            for dtype in args.dtypes
+            for d in args.hidden_sizes
+            for r in args.ranks
         ]
         gpu = torch.cuda.get_device_name().replace(" ", "-").lower()
         name = f"tuning-{gpu}-{datetime.date.today().isoformat()}"
@@ -58,15 +66,24 @@ def main() -> None:
     for record in tune(shapes, device, plan, quick):
         records.append(record)
         print(json.dumps(record), flush=True)
-    (out / "tuning.json").write_text(json.dumps({
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "records": records,
-    }, indent=2) + "\n")
+    (out / "tuning.json").write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "device": torch.cuda.get_device_name()
+                if device.type == "cuda"
+                else "cpu (interpreter)",
+                "torch": torch.__version__,
+                "triton": __import__("triton").__version__,
+                "records": records,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     lines = [
-        f"# Kernel tuning ({records[0]['gbps']:.0f} GB/s copy bandwidth)", "",
+        f"# Kernel tuning ({records[0]['gbps']:.0f} GB/s copy bandwidth)",
+        "",
         "| N | d | r | dtype | kernel | heuristic ms (% copy) | best ms (% copy) | best config |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -78,8 +95,11 @@ def main() -> None:
                 return "failed" if record else "-"
             return f"{record['ms']:.3f} ({100 * record['copy_fraction']:.0f}%)"
 
-        lines.append("| " + " | ".join(str(part) for part in row["key"]) +
-                     f" | {cell(heuristic)} | {cell(best)} | {best['config'] if best else '-'} |")
+        lines.append(
+            "| "
+            + " | ".join(str(part) for part in row["key"])
+            + f" | {cell(heuristic)} | {cell(best)} | {best['config'] if best else '-'} |"
+        )
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -13,15 +13,16 @@ from torch import nn
 
 from steer_fast.benchmark import (
     INFERENCE_METHODS,
+    KERNEL_METHODS,
     PRESETS,
     RECORD_FIELDS,
     TRAINING_METHODS,
     BenchmarkSettings,
     Candidate,
+    MethodUnavailable,
     run_benchmarks,
 )
-from steer_fast.benchmark.kernel_suite import KERNEL_METHODS, PASSES
-from steer_fast.benchmark.methods import MethodUnavailable
+from steer_fast.benchmark.kernel_suite import PASSES
 from steer_fast.cli import main
 
 REQUIRED_FIELDS = (

@@ -1,12 +1,11 @@
 """Timing and peak-memory measurement of the benchmark harness (on the CPU)."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
 from steer_fast.benchmark.memory import (
+    cpu_allocator_events,
     measure_peak_memory,
     peak_running_sum,
     resident_tensor_bytes,
@@ -83,11 +82,21 @@ def test_resident_bytes_count_each_storage_once():
 
 
 def test_peak_running_sum_follows_allocations_and_frees():
-    cpu = torch.autograd.DeviceType.CPU
-    events = [SimpleNamespace(start_ns=lambda t=t: t, nbytes=lambda b=b: b,
-                              device_type=lambda: cpu)
-              for t, b in [(3, -50), (1, 100), (2, 30), (4, 200), (5, -280)]]
+    events = [(3, -50), (1, 100), (2, 30), (4, 200), (5, -280)]  # (time, bytes), out of order
     assert peak_running_sum(events) == 280
+    assert peak_running_sum([]) == 0
+
+
+def test_cpu_allocator_events_see_each_allocation_and_its_free():
+    def step():
+        temporary = torch.ones(4 * MiB // 4)  # 4 MiB, freed before the step returns
+        return float(temporary.sum())
+
+    events = cpu_allocator_events(step)
+    sizes = [nbytes for _, nbytes in events]
+    assert 4 * MiB in sizes and -4 * MiB in sizes
+    assert all(isinstance(time, float | int) for time, _ in events)
+    assert 4 * MiB <= peak_running_sum(events) < 5 * MiB
 
 
 def test_cpu_peak_memory_sees_temporaries_and_the_resident_set():

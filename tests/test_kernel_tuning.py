@@ -1,13 +1,23 @@
-"""The block-shape sweep (bench/tune_kernels.py) on a tiny shape: every candidate is checked
-against the launch heuristic's results and recorded; a wrong result is caught."""
+"""The block-shape sweep (bench/kernel_tuning.py, run by bench/tune_kernels.py) on a tiny shape:
+every candidate is checked against the launch heuristic's results and recorded; a wrong result
+is caught."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import DEVICE
 
-from steer_fast.benchmark import kernel_tuning
 from steer_fast.benchmark.timing import TimingPlan
 from steer_fast.kernels import post_block_steer as kernels
+
+# A developer tool, not part of the installed package: loaded from the repository's bench/.
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "kernel_tuning.py"
+_SPEC = importlib.util.spec_from_file_location("kernel_tuning", _PATH)
+kernel_tuning = sys.modules[_SPEC.name] = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(kernel_tuning)
 
 ONE_REPEAT = TimingPlan(warmup=1, min_repeats=1, max_repeats=1, budget_s=0.01)
 SHAPE = kernel_tuning.TuningShape(tokens=45, hidden_size=40, rank=5, dtype=torch.float32)

@@ -12,24 +12,36 @@ Three suites, one command (``steer-fast bench``, or ``python -m steer_fast bench
     print(run.report)
 """
 
-from .methods import INFERENCE_METHODS, TRAINING_METHODS, Candidate, MethodContext
+from .methods import (
+    INFERENCE_METHODS,
+    KERNEL_METHODS,
+    METHODS,
+    TRAINING_METHODS,
+    Candidate,
+    MethodContext,
+    MethodUnavailable,
+)
 from .presets import PRESETS, KernelGrid, ModelPreset
 from .records import RECORD_FIELDS, BenchmarkRecord, load_records
 from .runner import BenchmarkRun, run_benchmarks
-from .settings import SUITES, BenchmarkSettings
+from .settings import SUITES, BenchmarkOptions, BenchmarkSettings
 
 __all__ = [
     "INFERENCE_METHODS",
+    "KERNEL_METHODS",
+    "METHODS",
     "PRESETS",
     "RECORD_FIELDS",
     "SUITES",
     "TRAINING_METHODS",
+    "BenchmarkOptions",
     "BenchmarkRecord",
     "BenchmarkRun",
     "BenchmarkSettings",
     "Candidate",
     "KernelGrid",
     "MethodContext",
+    "MethodUnavailable",
     "ModelPreset",
     "load_records",
     "run_benchmarks",

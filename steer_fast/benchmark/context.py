@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime
 import gc
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -15,15 +16,15 @@ from .records import BenchmarkRecord
 from .settings import BenchmarkSettings
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class RunContext:
     settings: BenchmarkSettings
     environment: Environment
-    timestamp: str = field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        )
-    )
+    timestamp: str = field(default_factory=_now)
     # advance(description, count=True): a new job starts (count=False: only a new description).
     advance: Callable[..., None] = lambda description, count=True: None
 
@@ -35,34 +36,24 @@ class RunContext:
         s = self.settings
         return MethodContext(s.spec, s.device, s.rank, s.activation, s.seed)
 
-    def record(self, suite: str, method: str, label: str, **fields) -> BenchmarkRecord:
+    def record(self, suite: str, method: str, label: str, **fields: Any) -> BenchmarkRecord:
         """A record with the run's context filled in; ``fields`` set or override the rest."""
-        s, env = self.settings, self.environment
+        s = self.settings
         context = dict(
             suite=suite,
             method=method,
             label=label,
             model=s.spec.name,
-            device=env.device,
-            device_name=env.device_name,
             dtype=s.dtype_name,
             batch=s.batch,
             seq_len=s.seq_len,
             rank=s.rank,
             activation=s.activation,
-            torch_version=env.torch_version,
-            triton_version=env.triton_version,
-            transformers_version=env.transformers_version,
-            peft_version=env.peft_version,
-            pyreft_version=env.pyreft_version,
-            steer_fast_version=env.steer_fast_version,
-            python_version=env.python_version,
-            host=env.host,
             timestamp=self.timestamp,
             command=s.command,
+            **asdict(self.environment),
         )
-        context.update(fields)
-        return BenchmarkRecord(**context)
+        return BenchmarkRecord(**{**context, **fields})
 
 
 def describe_error(error: BaseException) -> str:

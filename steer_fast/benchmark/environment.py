@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import os
 import platform
 import re
 import socket
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -54,7 +55,8 @@ def package_version(name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Environment:
-    """Everything about where the numbers come from, copied into every record."""
+    """Everything about where the numbers come from, copied into every record (the field names
+    are the record's)."""
 
     device: str
     device_name: str
@@ -69,21 +71,18 @@ class Environment:
 
     @classmethod
     def capture(cls, device: torch.device) -> Environment:
+        versions = {
+            f"{name}_version": package_version(name)
+            for name in ("triton", "transformers", "peft", "pyreft", "steer_fast")
+        }
         return cls(
             device=str(device),
             device_name=device_name(device),
             host=socket.gethostname(),
             python_version=sys.version.split()[0],
             torch_version=torch.__version__,
-            triton_version=package_version("triton"),
-            transformers_version=package_version("transformers"),
-            peft_version=package_version("peft"),
-            pyreft_version=package_version("pyreft"),
-            steer_fast_version=package_version("steer_fast"),
+            **versions,
         )
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # glibc mallopt parameters (malloc.h).
@@ -102,8 +101,6 @@ def keep_freed_host_memory() -> str | None:
     above 32 MiB are still mapped afresh (glibc's ceiling). A no-op where libc is not glibc.
     """
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
         trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)

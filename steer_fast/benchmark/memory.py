@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 _RESIDENT = (
     "the method's resident tensors at the start of the call (parameters, buffers, gradients, "
@@ -60,39 +65,55 @@ def memory_measure_name(device: torch.device) -> str:
 
 
 def measure_peak_memory(
-    fn: Callable[[], object], device: torch.device, resident: Iterable[object] = ()
+    fn: Callable[[], Any], device: torch.device, resident: Iterable[Any] = ()
 ) -> PeakMemory:
     """Run ``fn()`` once and return the peak bytes it held (see the module docstring)."""
     gc.collect()
     resident_bytes = resident_tensor_bytes(resident)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        increase = torch.cuda.max_memory_allocated(device) - start
-        return PeakMemory(resident_bytes + increase, CUDA_MEASURE)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    return PeakMemory(resident_bytes + peak_running_sum(events), CPU_MEASURE)
+    if device.type != "cuda":
+        increase = peak_running_sum(cpu_allocator_events(fn))
+        return PeakMemory(resident_bytes + increase, CPU_MEASURE)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    increase = torch.cuda.max_memory_allocated(device) - start
+    return PeakMemory(resident_bytes + increase, CUDA_MEASURE)
 
 
-def peak_running_sum(memory_events) -> int:
-    """Largest running total of allocator events (bytes > 0 allocate, < 0 free), in time order."""
+def cpu_allocator_events(fn: Callable[[], Any]) -> list[tuple[float, int]]:
+    """Run ``fn()`` under ``torch.profiler`` and return its CPU allocator events.
+
+    Each event is (time in microseconds, bytes): positive bytes allocate, negative ones free.
+    They are read from the profiler's Chrome trace (``export_chrome_trace``), whose "[memory]"
+    events carry the bytes and the device of every allocation and free.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
+            fn()
+        p.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text(encoding="utf-8"))["traceEvents"]
+    cpu = int(DeviceType.CPU)
+    return [
+        (event["ts"], event["args"]["Bytes"])
+        for event in events
+        if event.get("name") == "[memory]" and event["args"].get("Device Type") == cpu
+    ]
+
+
+def peak_running_sum(events: Iterable[tuple[float, int]]) -> int:
+    """Largest running total of (time, bytes) allocator events, in time order (bytes > 0
+    allocate, < 0 free); 0 when nothing stays allocated above the start."""
     total = peak = 0
-    for event in sorted(memory_events, key=lambda e: e.start_ns()):
-        if event.device_type() != DeviceType.CPU:
-            continue
-        total += event.nbytes()
+    for _, nbytes in sorted(events, key=lambda event: event[0]):
+        total += nbytes
         peak = max(peak, total)
     return peak
 
 
-def resident_tensor_bytes(objects: Iterable[object]) -> int:
+def resident_tensor_bytes(objects: Iterable[Any]) -> int:
     """Bytes of the distinct storages reachable from modules, optimizers and tensors."""
     seen: dict[int, int] = {}
     for tensor in _tensors(objects):
@@ -101,42 +122,42 @@ def resident_tensor_bytes(objects: Iterable[object]) -> int:
     return sum(seen.values())
 
 
-def _tensors(objects: Iterable[object]) -> Iterator[torch.Tensor]:
+def _tensors(objects: Iterable[Any]) -> Iterator[torch.Tensor]:
     for obj in objects:
         if isinstance(obj, torch.Tensor):
             yield obj
         elif isinstance(obj, nn.Module):
-            # Walk _parameters/_buffers directly: wrappers such as pyvene's IntervenableModel
-            # override named_parameters() to hide the frozen base weights.
+            # nn.Module's own methods, module by module: wrappers such as pyvene's
+            # IntervenableModel override named_parameters() to hide the frozen base weights.
             for module in obj.modules():
-                for tensor in (*module._parameters.values(), *module._buffers.values()):
-                    if tensor is not None:
-                        yield tensor
-                        if tensor.grad is not None:
-                            yield tensor.grad
+                own = (
+                    *nn.Module.named_parameters(module, recurse=False),
+                    *nn.Module.named_buffers(module, recurse=False),
+                )
+                for _, tensor in own:
+                    yield tensor
+                    if tensor.grad is not None:
+                        yield tensor.grad
         elif isinstance(obj, torch.optim.Optimizer):
             for state in obj.state.values():
                 yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-        elif isinstance(obj, dict):
-            yield from _tensors(obj.values())
-        elif isinstance(obj, (list, tuple)):
-            yield from _tensors(obj)
+        elif isinstance(obj, (dict, list, tuple)):
+            yield from _tensors(obj.values() if isinstance(obj, dict) else obj)
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def _quiet_stderr() -> Iterator[None]:
     """Silence the profiler's start/stop lines, which its C++ side writes straight to fd 2."""
-    fd = 2
     sys.stderr.flush()
     try:
-        saved = os.dup(fd)
+        saved = os.dup(2)
     except OSError:
         yield
         return
     try:
         with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), fd)
+            os.dup2(devnull.fileno(), 2)
             yield
     finally:
-        os.dup2(saved, fd)
+        os.dup2(saved, 2)
         os.close(saved)

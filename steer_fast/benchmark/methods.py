@@ -1,11 +1,11 @@
-"""The methods compared in the model-level suites, each one small ``setup`` function.
+"""The methods every suite compares, in one registry: ``METHODS[suite]``, a ``MethodTable``.
 
-A method takes a ``MethodContext`` (the model spec, device, rank, seed) and returns a
-``Candidate``: the prepared model, a ``forward`` that takes the Hugging Face keyword arguments
-(input_ids, labels, past_key_values, use_cache, ...) and returns the model output, and the
-parameters to train. Every method builds its own copy of the model from the same seed, so all
-start from identical weights. A method that cannot run on this machine raises
-``MethodUnavailable`` with the reason; the suites turn that into a "skipped" row.
+A training or inference method's ``setup`` takes a ``MethodContext`` and returns a
+``Candidate``: its own copy of the model (built from the same seed as every other method's), a
+``forward`` taking the Hugging Face keyword arguments, and the parameters to train. A kernel
+method's ``setup`` takes the device and returns the function the kernel suite times, called like
+``post_block_steer``. A method that cannot run on this machine raises ``MethodUnavailable`` with
+the reason; the suites turn that into a "skipped" row.
 
 Adding a method is one function in one of the tables:
 
@@ -19,21 +19,37 @@ Adding a method is one function in one of the tables:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..adapter import PostBlockAdapter
-from ..ops import resolve_backend, triton_available
+from .. import (
+    OrthogonalityConfig,
+    PostBlockAdapter,
+    SteerConfig,
+    get_steer_model,
+    post_block_steer,
+    resolve_backend,
+)
+from ..ops import triton_available
+from ..reference import reference_post_block_steer
 from .models import ModelSpec, build_model
 
 TRITON_NEEDS_CUDA = (
     "the fused Triton kernels need CUDA; on the CPU they run only under the Triton "
     "interpreter, whose timings are not meaningful"
 )
+FUSED, TORCH_PATH = "steer_fast fused (Triton)", "steer_fast torch path"
+LORA_QV = ["q_proj", "v_proj"]
+# LoRA of the joint method: q, v and the two residual writers, so that the orthogonality
+# constraint has B matrices to act on in every layer.
+JOINT_LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+JOINT_PENALTY_WEIGHT = 0.1
 
 
 class MethodUnavailable(Exception):
@@ -42,7 +58,7 @@ class MethodUnavailable(Exception):
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What every method's setup receives."""
+    """What every training and inference method's setup receives."""
 
     spec: ModelSpec
     device: torch.device
@@ -65,26 +81,29 @@ class Candidate:
     """
 
     module: nn.Module
-    forward: Callable[..., object]
+    forward: Callable[..., Any]
     trainable: list[nn.Parameter] = field(default_factory=list)
     backend: str | None = None
 
 
 @dataclass(frozen=True)
 class Method:
+    """A named, labelled setup: ``setup(MethodContext)`` or, for kernels, ``setup(device)``."""
+
     name: str
     label: str
-    setup: Callable[[MethodContext], Candidate]
+    setup: Callable[[Any], Any]
 
 
 class MethodTable(dict[str, Method]):
-    """Methods by name, in registration order (the order of the report's rows)."""
+    """One suite's methods by name, in registration order (the order of the report's rows)."""
 
-    def register(self, name: str, label: str):
+    def register(self, name: str, label: str) -> Callable[[Callable], Callable]:
+        """A decorator that adds ``setup`` under ``name``; the label names it in reports."""
         if name in self:
             raise ValueError(f"method {name!r} is already registered")
 
-        def decorator(setup: Callable[[MethodContext], Candidate]):
+        def decorator(setup: Callable) -> Callable:
             self[name] = Method(name, label, setup)
             return setup
 
@@ -92,10 +111,8 @@ class MethodTable(dict[str, Method]):
 
     def select(self, names: Iterable[str] | None) -> list[Method]:
         """The named methods (all when ``names`` is None), in table order."""
-        if names is None:
-            return list(self.values())
-        wanted = set(names)
-        return [method for name, method in self.items() if name in wanted]
+        wanted = None if names is None else set(names)
+        return [m for name, m in self.items() if wanted is None or name in wanted]
 
     def groups(self, names: Iterable[str] | None, interleave: bool) -> list[list[Method]]:
         """The selected methods as timing groups: all together when interleaved (timed in
@@ -104,49 +121,48 @@ class MethodTable(dict[str, Method]):
         return [methods] if interleave else [[method] for method in methods]
 
 
+KERNEL_METHODS = MethodTable()
 TRAINING_METHODS = MethodTable()
 INFERENCE_METHODS = MethodTable()
+METHODS: dict[str, MethodTable] = {
+    "kernel": KERNEL_METHODS,
+    "training": TRAINING_METHODS,
+    "inference": INFERENCE_METHODS,
+}
+SUITES: tuple[str, ...] = tuple(METHODS)
 
 
-# --- steer_fast -----------------------------------------------------------------------------
+def require_triton(device: torch.device) -> None:
+    """Raise ``MethodUnavailable`` unless the fused kernels can run (and be timed) here."""
+    if device.type != "cuda":
+        raise MethodUnavailable(TRITON_NEEDS_CUDA)
+    if not triton_available():
+        raise MethodUnavailable("triton is not installed")
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def steer_candidate(ctx: MethodContext, backend: str) -> Candidate:
     """Post-block steering on every decoder layer through steer_fast's public API."""
     if backend == "triton":
-        if ctx.device.type != "cuda":
-            raise MethodUnavailable(TRITON_NEEDS_CUDA)
-        if not triton_available():
-            raise MethodUnavailable("triton is not installed")
-    from .. import SteerConfig, get_steer_model
-
-    model = get_steer_model(
-        ctx.fresh_model(),
-        SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend),
-    )
+        require_triton(ctx.device)
+    config = SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend)
+    model = get_steer_model(ctx.fresh_model(), config)
     adapters = [m for m in model.modules() if isinstance(m, PostBlockAdapter)]
     if not adapters:
         raise RuntimeError("get_steer_model returned a model without PostBlockAdapter modules")
     probe = torch.empty(1, ctx.spec.hidden_size, device=ctx.device, dtype=ctx.spec.dtype)
-    used = {resolve_backend(probe, adapter.backend) for adapter in adapters}
-    return Candidate(
-        module=model,
-        forward=model,
-        trainable=[p for p in model.parameters() if p.requires_grad],
-        backend="/".join(sorted(used)),
-    )
+    used = sorted({resolve_backend(probe, adapter.backend) for adapter in adapters})
+    return Candidate(model, model, _trainable(model), backend="/".join(used))
 
 
-# --- PEFT LoRA ------------------------------------------------------------------------------
-
-LORA_QV = ["q_proj", "v_proj"]
-
-
-def lora_model(ctx: MethodContext, target_modules: list[str] | str):
+def lora_config(ctx: MethodContext, target_modules: list[str] | str):
     """PEFT LoRA at the same rank, no dropout (scale alpha / r = 1)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig  # imported on first use, as steer_fast imports its joint model
 
-    config = LoraConfig(
+    return LoraConfig(
         r=ctx.rank,
         lora_alpha=ctx.rank,
         lora_dropout=0.0,
@@ -154,17 +170,23 @@ def lora_model(ctx: MethodContext, target_modules: list[str] | str):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(ctx.fresh_model(), config)
+
+
+def lora_model(ctx: MethodContext, target_modules: list[str] | str) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(ctx.fresh_model(), lora_config(ctx, target_modules))
 
 
 def lora_candidate(ctx: MethodContext, target_modules: list[str] | str) -> Candidate:
     model = lora_model(ctx, target_modules)
-    return Candidate(
-        module=model, forward=model, trainable=[p for p in model.parameters() if p.requires_grad]
-    )
+    return Candidate(model, model, _trainable(model))
 
 
-# --- pyreft LoReFT --------------------------------------------------------------------------
+def merged_lora_candidate(ctx: MethodContext) -> Candidate:
+    """LoRA q,v merged into the base weights (``merge_and_unload``): nothing left to train."""
+    model = lora_model(ctx, LORA_QV).merge_and_unload()
+    return Candidate(model, model)
 
 
 def loreft_candidate(ctx: MethodContext) -> Candidate:
@@ -177,7 +199,6 @@ def loreft_candidate(ctx: MethodContext) -> Candidate:
     with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice on import
         import pyreft
 
-    model = ctx.fresh_model()
     representations = [
         {
             "layer": layer,
@@ -189,15 +210,14 @@ def loreft_candidate(ctx: MethodContext) -> Candidate:
         }
         for layer in range(ctx.spec.num_layers)
     ]
-    reft_model = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=representations))
+    config = pyreft.ReftConfig(representations=representations)
+    reft_model = pyreft.get_reft_model(ctx.fresh_model(), config)
     n_interventions = len(reft_model.interventions)
-    locations: dict[tuple[int, int], dict] = {}
 
+    @functools.cache
     def every_position(batch: int, length: int) -> dict:
-        if (batch, length) not in locations:
-            positions = [[list(range(length))] * batch] * n_interventions
-            locations[batch, length] = {"sources->base": (None, positions)}
-        return locations[batch, length]
+        positions = [[list(range(length))] * batch] * n_interventions
+        return {"sources->base": (None, positions)}
 
     def forward(input_ids, labels=None, use_cache=None, **model_kwargs):
         _, output = reft_model(
@@ -208,34 +228,20 @@ def loreft_candidate(ctx: MethodContext) -> Candidate:
         )
         return output
 
-    trainable = [p for p in reft_model.parameters() if p.requires_grad]
-    return Candidate(module=reft_model, forward=forward, trainable=trainable)
-
-
-# --- joint LoRA + steering ------------------------------------------------------------------
-
-# LoRA of the joint method: q, v and the two residual writers, so that the orthogonality
-# constraint has B matrices to act on in every layer.
-JOINT_LORA_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
-JOINT_PENALTY_WEIGHT = 0.1
+    return Candidate(reft_model, forward, _trainable(reft_model))
 
 
 def joint_candidate(ctx: MethodContext) -> Candidate:
     """steer_fast.get_joint_model: LoRA (same rank) and post-block steering on every layer,
     trained together with the orthogonality penalty added to the loss. The steering runs the
     fused kernels where they can run (CUDA) and the torch path elsewhere."""
-    from peft import LoraConfig
-
-    from .. import OrthogonalityConfig, SteerConfig, get_joint_model
+    from .. import get_joint_model  # imported on first use: it needs PEFT
 
     backend = "triton" if ctx.device.type == "cuda" and triton_available() else "torch"
     model = get_joint_model(
         ctx.fresh_model(),
         SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend),
-        LoraConfig(
-            r=ctx.rank, lora_alpha=ctx.rank, lora_dropout=0.0, bias="none",
-            target_modules=JOINT_LORA_TARGETS, task_type="CAUSAL_LM",
-        ),
+        lora_config(ctx, JOINT_LORA_TARGETS),
         OrthogonalityConfig(weight=JOINT_PENALTY_WEIGHT, mode="penalty"),
     )
 
@@ -245,103 +251,88 @@ def joint_candidate(ctx: MethodContext) -> Candidate:
             output.loss = output.loss + model.orthogonality_term()
         return output
 
-    return Candidate(
-        module=model,
-        forward=forward,
-        trainable=[p for p in model.parameters() if p.requires_grad],
-        backend=backend,
-    )
+    return Candidate(model, forward, _trainable(model), backend=backend)
 
 
-# --- training-step methods ------------------------------------------------------------------
+def full_finetuning_candidate(ctx: MethodContext) -> Candidate:
+    model = ctx.fresh_model().requires_grad_(True)
+    return Candidate(model, model, list(model.parameters()))
 
 
-@TRAINING_METHODS.register("steer_fast_fused", "steer_fast fused (Triton)")
-def _train_steer_fused(ctx: MethodContext) -> Candidate:
-    return steer_candidate(ctx, "triton")
-
-
-@TRAINING_METHODS.register("steer_fast_torch", "steer_fast torch path")
-def _train_steer_torch(ctx: MethodContext) -> Candidate:
-    return steer_candidate(ctx, "torch")
-
-
-@TRAINING_METHODS.register("lora_qv", "PEFT LoRA q,v")
-def _train_lora_qv(ctx: MethodContext) -> Candidate:
-    return lora_candidate(ctx, LORA_QV)
-
-
-@TRAINING_METHODS.register("lora_all", "PEFT LoRA all-linear")
-def _train_lora_all(ctx: MethodContext) -> Candidate:
-    return lora_candidate(ctx, "all-linear")
-
-
-@TRAINING_METHODS.register("joint", "joint: LoRA q,v,o,down + steer_fast (penalty 0.1)")
-def _train_joint(ctx: MethodContext) -> Candidate:
-    return joint_candidate(ctx)
-
-
-@TRAINING_METHODS.register("loreft", "pyreft LoReFT")
-def _train_loreft(ctx: MethodContext) -> Candidate:
-    return loreft_candidate(ctx)
-
-
-@TRAINING_METHODS.register("full_ft", "full fine-tuning")
-def _train_full(ctx: MethodContext) -> Candidate:
-    model = ctx.fresh_model()
-    model.requires_grad_(True)
-    return Candidate(module=model, forward=model, trainable=list(model.parameters()))
-
-
-@TRAINING_METHODS.register("floor", "floor (frozen, input grads)")
-def _train_floor(ctx: MethodContext) -> Candidate:
+def floor_candidate(ctx: MethodContext) -> Candidate:
     """The frozen model, no adapter, with the gradient taken w.r.t. the input embeddings.
 
     The backward then runs through every layer, as it does for any method that trains
     something inside the first layer, and there is nothing to update. (Post-block steering's
     first adapter sits after layer 0, so its backward stops there and can cost a little less.)
     """
-    model = ctx.fresh_model()
-    model.requires_grad_(False)
+    model = ctx.fresh_model().requires_grad_(False)
     embed = model.get_input_embeddings()
 
     def forward(input_ids, **kwargs):
-        embeddings = embed(input_ids).requires_grad_(True)
-        return model(inputs_embeds=embeddings, **kwargs)
+        return model(inputs_embeds=embed(input_ids).requires_grad_(True), **kwargs)
 
-    return Candidate(module=model, forward=forward, trainable=[])
-
-
-# --- inference methods ----------------------------------------------------------------------
+    return Candidate(model, forward)
 
 
-@INFERENCE_METHODS.register("base", "base model")
-def _infer_base(ctx: MethodContext) -> Candidate:
+def base_candidate(ctx: MethodContext) -> Candidate:
     model = ctx.fresh_model()
-    return Candidate(module=model, forward=model)
+    return Candidate(model, model)
 
 
-@INFERENCE_METHODS.register("steer_fast_fused", "steer_fast fused (Triton)")
-def _infer_steer_fused(ctx: MethodContext) -> Candidate:
-    return steer_candidate(ctx, "triton")
+def fused_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
+    require_triton(device)
+    return functools.partial(post_block_steer, backend="triton")
 
 
-@INFERENCE_METHODS.register("steer_fast_torch", "steer_fast torch path")
-def _infer_steer_torch(ctx: MethodContext) -> Candidate:
-    return steer_candidate(ctx, "torch")
+def torch_path_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
+    return functools.partial(post_block_steer, backend="torch")
 
 
-@INFERENCE_METHODS.register("lora_unmerged", "PEFT LoRA q,v unmerged")
-def _infer_lora_unmerged(ctx: MethodContext) -> Candidate:
-    return lora_candidate(ctx, LORA_QV)
+def eager_reference(device: torch.device) -> Callable[..., torch.Tensor]:
+    return reference_post_block_steer
 
 
-@INFERENCE_METHODS.register("lora_merged", "PEFT LoRA q,v merged")
-def _infer_lora_merged(ctx: MethodContext) -> Candidate:
-    model = lora_model(ctx, LORA_QV).merge_and_unload()
-    return Candidate(module=model, forward=model)
+def compiled_reference(device: torch.device) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of the unfused reference, compiled afresh: static shapes, and no
+    recompile limit that could quietly fall back to eager after a few grid points."""
+    torch.compiler.reset()
+    return torch.compile(reference_post_block_steer, fullgraph=True, dynamic=False)
 
 
-@INFERENCE_METHODS.register("loreft", "pyreft LoReFT")
-def _infer_loreft(ctx: MethodContext) -> Candidate:
-    return loreft_candidate(ctx)
+def _fill(table: MethodTable, *rows: tuple[str, str, Callable]) -> None:
+    for name, label, setup in rows:
+        table.register(name, label)(setup)
+
+
+steer_fused = functools.partial(steer_candidate, backend="triton")
+steer_torch = functools.partial(steer_candidate, backend="torch")
+lora_qv = functools.partial(lora_candidate, target_modules=LORA_QV)
+lora_all = functools.partial(lora_candidate, target_modules="all-linear")
+_fill(
+    KERNEL_METHODS,
+    ("steer_fast_fused", FUSED, fused_kernel),
+    ("steer_fast_torch", TORCH_PATH, torch_path_kernel),
+    ("eager", "unfused eager", eager_reference),
+    ("torch_compile", "torch.compile(unfused)", compiled_reference),
+)
+_fill(
+    TRAINING_METHODS,
+    ("steer_fast_fused", FUSED, steer_fused),
+    ("steer_fast_torch", TORCH_PATH, steer_torch),
+    ("lora_qv", "PEFT LoRA q,v", lora_qv),
+    ("lora_all", "PEFT LoRA all-linear", lora_all),
+    ("joint", "joint: LoRA q,v,o,down + steer_fast (penalty 0.1)", joint_candidate),
+    ("loreft", "pyreft LoReFT", loreft_candidate),
+    ("full_ft", "full fine-tuning", full_finetuning_candidate),
+    ("floor", "floor (frozen, input grads)", floor_candidate),
+)
+_fill(
+    INFERENCE_METHODS,
+    ("base", "base model", base_candidate),
+    ("steer_fast_fused", FUSED, steer_fused),
+    ("steer_fast_torch", TORCH_PATH, steer_torch),
+    ("lora_unmerged", "PEFT LoRA q,v unmerged", lora_qv),
+    ("lora_merged", "PEFT LoRA q,v merged", merged_lora_candidate),
+    ("loreft", "pyreft LoReFT", loreft_candidate),
+)

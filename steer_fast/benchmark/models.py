@@ -84,8 +84,9 @@ def build_spec(
         name = f"{type(built).__name__}({file})"
     else:
         config_class = resolve_config_class(config or "LlamaConfig")
-        built = _instantiate(lambda: config_class(**{**preset.sizes, **overrides}),
-                             config_class.__name__)
+        built = _instantiate(
+            lambda: config_class(**{**preset.sizes, **overrides}), config_class.__name__
+        )
         name = f"{config_class.__name__}[{preset.name}]"
     if overrides:
         name += " " + json.dumps(overrides, sort_keys=True)

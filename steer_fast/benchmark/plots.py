@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from .records import BenchmarkRecord
 from .report import format_ms
 
+# Kernel-plot markers per implementation; any other gets "x".
+MARKERS = {"steer_fast_fused": "o", "steer_fast_torch": "s", "eager": "D", "torch_compile": "^"}
+
 
 def _figure(width: float, height: float, panels: int):
     """A figure with ``panels`` side by side, on an Agg canvas of its own."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure, figure.subplots(1, panels, squeeze=False)[0]
@@ -39,17 +41,22 @@ def _bars(axis, labels: list[str], values: list[float | None], notes: list[str],
     axis.set_xlabel(xlabel)
 
 
+def _bar_panels(axes, rows_per_panel, values, xlabels) -> None:
+    """One bar panel per list of rows, labelled on the first only."""
+    for axis, rows, value, xlabel in zip(axes, rows_per_panel, values, xlabels, strict=True):
+        labels, notes = [r.label for r in rows], [r.status for r in rows]
+        _bars(axis, labels, [value(r) for r in rows], notes, xlabel)
+    axes[1].set_yticks([])
+
+
 def plot_training(records: list[BenchmarkRecord], path: Path) -> Path | None:
     rows = [r for r in records if r.suite == "training"]
     if not rows:
         return None
-    figure, (time_axis, memory_axis) = _figure(12, 0.5 * len(rows) + 1.8, 2)
-    labels = [r.label for r in rows]
-    notes = [r.status for r in rows]
-    _bars(time_axis, labels, [r.ms for r in rows], notes, "ms per training step (median)")
-    memory = [r.peak_mem_bytes / 2**20 if r.peak_mem_bytes else None for r in rows]
-    _bars(memory_axis, labels, memory, notes, "peak memory (MiB)")
-    memory_axis.set_yticks([])
+    figure, axes = _figure(12, 0.5 * len(rows) + 1.8, 2)
+    values = (lambda r: r.ms, lambda r: r.peak_mem_bytes / 2**20 if r.peak_mem_bytes else None)
+    xlabels = ("ms per training step (median)", "peak memory (MiB)")
+    _bar_panels(axes, (rows, rows), values, xlabels)
     figure.suptitle(_title(rows, "Training step"))
     figure.savefig(path, dpi=120)
     return path
@@ -61,15 +68,12 @@ def plot_inference(records: list[BenchmarkRecord], path: Path) -> Path | None:
         return None
     methods = list(dict.fromkeys(r.method for r in rows))
     by_phase = {(r.method, r.phase): r for r in rows}
+    panels = [
+        [by_phase[m, p] for m in methods if (m, p) in by_phase] for p in ("prefill", "decode")
+    ]
     figure, axes = _figure(12, 0.5 * len(methods) + 1.8, 2)
-    for axis, phase, xlabel in zip(
-        axes, ("prefill", "decode"), ("prefill ms (median)", "decode ms per token (median)"),
-        strict=True,
-    ):
-        phase_rows = [by_phase[m, phase] for m in methods if (m, phase) in by_phase]
-        _bars(axis, [r.label for r in phase_rows], [r.ms for r in phase_rows],
-              [r.status for r in phase_rows], xlabel)
-    axes[1].set_yticks([])
+    xlabels = ("prefill ms (median)", "decode ms per token (median)")
+    _bar_panels(axes, panels, (lambda r: r.ms, lambda r: r.ms), xlabels)
     figure.suptitle(_title(rows, "Inference"))
     figure.savefig(path, dpi=120)
     return path
@@ -82,25 +86,21 @@ def plot_kernel(records: list[BenchmarkRecord], path: Path) -> Path | None:
         return None
     copy = next((r for r in records if r.suite == "kernel" and r.method == "copy" and r.ok), None)
     passes = list(dict.fromkeys(r.pass_ for r in rows))
+    labels = {r.method: r.label for r in rows if r.method != "roofline"}
     figure, axes = _figure(6 * len(passes), 4.5, len(passes))
-    markers = dict(zip(("steer_fast_fused", "steer_fast_torch", "eager", "torch_compile"),
-                       "osD^", strict=True))
     for axis, pass_ in zip(axes, passes, strict=True):
-        for method in dict.fromkeys(r.method for r in rows):
-            if method == "roofline":
-                continue
+        for method, label in labels.items():
             points = sorted(
-                (r.min_bytes, r.gbps) for r in rows if r.pass_ == pass_ and r.method == method
-                and r.ok
+                (r.min_bytes / 2**20, r.gbps)
+                for r in rows
+                if r.pass_ == pass_ and r.method == method and r.ok
             )
-            if not points:
-                continue
-            label = next(r.label for r in rows if r.method == method)
-            axis.scatter([p[0] / 2**20 for p in points], [p[1] for p in points],
-                         marker=markers.get(method, "x"), label=label, alpha=0.8)
+            if points:
+                x, y = zip(*points, strict=True)
+                axis.scatter(x, y, marker=MARKERS.get(method, "x"), label=label, alpha=0.8)
         if copy is not None:
-            axis.axhline(copy.gbps, color="black", linestyle="--", linewidth=1,
-                         label=f"copy bandwidth {copy.gbps:.1f} GB/s")
+            bandwidth = f"copy bandwidth {copy.gbps:.1f} GB/s"
+            axis.axhline(copy.gbps, color="black", linestyle="--", linewidth=1, label=bandwidth)
         axis.set_xscale("log")
         axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("minimum bytes moved (MiB)")
@@ -118,12 +118,7 @@ def write_plots(records: list[BenchmarkRecord], folder: Path) -> list[Path]:
     """training.png, inference.png and kernel.png for the suites present in ``records``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = [
-        plot(records, folder / name)
-        for plot, name in (
-            (plot_training, "training.png"),
-            (plot_inference, "inference.png"),
-            (plot_kernel, "kernel.png"),
-        )
-    ]
-    return [p for p in written if p is not None]
+    names = ("training.png", "inference.png", "kernel.png")
+    plots = zip(names, (plot_training, plot_inference, plot_kernel), strict=True)
+    written = [plot(records, folder / name) for name, plot in plots]
+    return [path for path in written if path is not None]

@@ -33,63 +33,49 @@ class ModelPreset:
     decode_tokens: int
 
 
+def _sizes(d: int, ffn: int, layers: int, heads: int, kv: int, vocab: int, positions: int, **extra):
+    """Config keyword arguments of a Llama-style decoder with tied embeddings."""
+    return dict(
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        tie_word_embeddings=True,
+        **extra,
+    )
+
+
 PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
     for preset in (
         ModelPreset(
-            name="tiny",
-            description="2 layers, d = 64: a smoke test of the machinery",
-            sizes=dict(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                vocab_size=256,
-                max_position_embeddings=512,
-                tie_word_embeddings=True,
-            ),
-            dtype=torch.float32,
+            "tiny",
+            "2 layers, d = 64: a smoke test of the machinery",
+            _sizes(64, 128, 2, 4, 2, 256, 512),
+            torch.float32,
             batch=2,
             seq_len=16,
             rank=4,
             decode_tokens=4,
         ),
         ModelPreset(
-            name="cpu-small",
-            description="Llama-style, 6 layers, d = 512, 8 heads (4 KV), vocab 8192: ~21M params",
-            sizes=dict(
-                hidden_size=512,
-                intermediate_size=1376,
-                num_hidden_layers=6,
-                num_attention_heads=8,
-                num_key_value_heads=4,
-                vocab_size=8192,
-                max_position_embeddings=2048,
-                tie_word_embeddings=True,
-            ),
-            dtype=torch.float32,
+            "cpu-small",
+            "Llama-style, 6 layers, d = 512, 8 heads (4 KV), vocab 8192: ~21M params",
+            _sizes(512, 1376, 6, 8, 4, 8192, 2048),
+            torch.float32,
             batch=4,
             seq_len=256,
             rank=16,
             decode_tokens=32,
         ),
         ModelPreset(
-            name="llama-3.2-1b",
-            description="Llama-3.2-1B shapes (16 layers, d = 2048, 32 heads, 8 KV, vocab 128256)",
-            sizes=dict(
-                hidden_size=2048,
-                intermediate_size=8192,
-                num_hidden_layers=16,
-                num_attention_heads=32,
-                num_key_value_heads=8,
-                vocab_size=128256,
-                max_position_embeddings=131072,
-                rope_theta=500000.0,
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=True,
-            ),
-            dtype=torch.bfloat16,
+            "llama-3.2-1b",
+            "Llama-3.2-1B shapes (16 layers, d = 2048, 32 heads, 8 KV, vocab 128256)",
+            _sizes(2048, 8192, 16, 32, 8, 128256, 131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+            torch.bfloat16,
             batch=4,
             seq_len=1024,
             rank=16,
@@ -114,41 +100,19 @@ class KernelGrid:
     dtypes: tuple[torch.dtype, ...]
     residual: tuple[bool, ...] = (False,)
 
-    @property
-    def size(self) -> int:
-        return (
-            len(self.tokens)
-            * len(self.hidden_sizes)
-            * len(self.ranks)
-            * len(self.activations)
-            * len(self.dtypes)
-            * len(self.residual)
-        )
-
 
 def default_kernel_grid(device: torch.device, quick: bool) -> KernelGrid:
+    both = ("identity", "silu")
     if device.type == "cuda":
         if quick:
             return KernelGrid((16384,), (2048,), (16,), ("silu",), (torch.bfloat16,))
-        return KernelGrid(
-            tokens=(4096, 16384, 65536),
-            hidden_sizes=(2048, 4096),
-            ranks=(16, 64),
-            activations=("identity", "silu"),
-            dtypes=(torch.bfloat16,),
-            residual=(False, True),
-        )
+        tokens, widths = (4096, 16384, 65536), (2048, 4096)
+        return KernelGrid(tokens, widths, (16, 64), both, (torch.bfloat16,), (False, True))
     # On the CPU every [N, d] tensor stays under glibc's 32 MiB mmap ceiling (see
     # environment.keep_freed_host_memory), so that no case is timed on page faults.
     if quick:
         return KernelGrid((2048,), (512,), (16,), ("silu",), (torch.float32,))
-    return KernelGrid(
-        tokens=(1024, 4096),
-        hidden_sizes=(256, 1024),
-        ranks=(16, 64),
-        activations=("identity", "silu"),
-        dtypes=(torch.float32, torch.bfloat16),
-    )
+    return KernelGrid((1024, 4096), (256, 1024), (16, 64), both, (torch.float32, torch.bfloat16))
 
 
 @dataclass(frozen=True)
@@ -173,27 +137,16 @@ class TimingPlans:
         return TimingPlans(fix(self.kernel), fix(self.step), fix(self.inference))
 
 
+# (on CUDA, quick) -> the kernel, training-step and inference plans, each as
+# (warmup, min_repeats, max_repeats, budget_s).
+_TIMING_PLANS = {
+    (True, True): ((5, 10, 100, 0.1), (3, 5, 20, 1.0), (2, 3, 10, 1.0)),
+    (True, False): ((10, 20, 500, 0.3), (5, 10, 50, 5.0), (3, 5, 20, 3.0)),
+    (False, True): ((2, 5, 20, 0.2), (1, 3, 3, 1.0), (1, 3, 5, 0.5)),
+    (False, False): ((3, 10, 200, 1.0), (2, 10, 40, 30.0), (2, 5, 30, 6.0)),
+}
+
+
 def default_timing_plans(device: torch.device, quick: bool) -> TimingPlans:
-    if device.type == "cuda":
-        if quick:
-            return TimingPlans(
-                kernel=TimingPlan(warmup=5, min_repeats=10, max_repeats=100, budget_s=0.1),
-                step=TimingPlan(warmup=3, min_repeats=5, max_repeats=20, budget_s=1.0),
-                inference=TimingPlan(warmup=2, min_repeats=3, max_repeats=10, budget_s=1.0),
-            )
-        return TimingPlans(
-            kernel=TimingPlan(warmup=10, min_repeats=20, max_repeats=500, budget_s=0.3),
-            step=TimingPlan(warmup=5, min_repeats=10, max_repeats=50, budget_s=5.0),
-            inference=TimingPlan(warmup=3, min_repeats=5, max_repeats=20, budget_s=3.0),
-        )
-    if quick:
-        return TimingPlans(
-            kernel=TimingPlan(warmup=2, min_repeats=5, max_repeats=20, budget_s=0.2),
-            step=TimingPlan(warmup=1, min_repeats=3, max_repeats=3, budget_s=1.0),
-            inference=TimingPlan(warmup=1, min_repeats=3, max_repeats=5, budget_s=0.5),
-        )
-    return TimingPlans(
-        kernel=TimingPlan(warmup=3, min_repeats=10, max_repeats=200, budget_s=1.0),
-        step=TimingPlan(warmup=2, min_repeats=10, max_repeats=40, budget_s=30.0),
-        inference=TimingPlan(warmup=2, min_repeats=5, max_repeats=30, budget_s=6.0),
-    )
+    plans = _TIMING_PLANS[device.type == "cuda", quick]
+    return TimingPlans(*(TimingPlan(*plan) for plan in plans))

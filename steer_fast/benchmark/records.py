@@ -94,36 +94,27 @@ class BenchmarkRecord:
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BenchmarkRecord))
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename, with the usual permissions."""
+    """Write ``text`` through a temporary file and a rename (never a half-written file), with
+    the usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates files readable by the owner only
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_records(path: Path, records: list[BenchmarkRecord]) -> None:
-    write_json_atomic(path, [r.as_dict() for r in records])
+    """results.json: the records as a JSON list, written atomically."""
+    write_text_atomic(path, json.dumps([r.as_dict() for r in records], indent=1) + "\n")
 
 
 def load_records(path: Path) -> list[BenchmarkRecord]:

@@ -17,12 +17,6 @@ HEADLINE_REFERENCES: tuple[tuple[str, str], ...] = (
     ("loreft", "vs LoReFT"),
     ("floor", "vs floor"),
 )
-KERNEL_COLUMNS: tuple[str, ...] = (
-    "steer_fast_fused",
-    "steer_fast_torch",
-    "eager",
-    "torch_compile",
-)
 
 
 def format_ms(ms: float | None) -> str:
@@ -58,6 +52,11 @@ def format_ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}x"
 
 
+def _columns(titles: str) -> list[str]:
+    """A table header written as "a | b | c"."""
+    return titles.split(" | ")
+
+
 def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -84,8 +83,7 @@ def _by_suite(records: list[BenchmarkRecord], suite: str) -> list[BenchmarkRecor
 
 def header_lines(records: list[BenchmarkRecord]) -> list[str]:
     first = records[0]
-    model_records = [r for r in records if r.suite != "kernel"] or records
-    m = model_records[0]
+    m = next((r for r in records if r.suite != "kernel"), first)
     return [
         f"- Machine: {first.device_name} (`{first.device}`), host `{first.host}`",
         f"- Software: torch {first.torch_version}, triton {first.triton_version}, "
@@ -101,12 +99,12 @@ def headline_table(records: list[BenchmarkRecord]) -> str:
     """Training step per method with its ratio to LoRA, LoReFT and the floor."""
     training = _by_suite(records, "training")
     ms = {r.method: r.ms for r in training if r.ok}
-    header = ["method", "ms/step", *(title for _, title in HEADLINE_REFERENCES), "tokens/s",
-              "peak memory", "trainable params"]
+    references = [title for _, title in HEADLINE_REFERENCES]
+    header = ["method", "ms/step", *references, "tokens/s", "peak memory", "trainable params"]
     rows = []
     for r in training:
         if not r.ok:
-            rows.append([r.label, r.status, *("-" for _ in HEADLINE_REFERENCES), "-", "-", "-"])
+            rows.append([r.label, r.status, *["-"] * (len(header) - 2)])
             continue
         rows.append(
             [
@@ -122,8 +120,10 @@ def headline_table(records: list[BenchmarkRecord]) -> str:
 
 
 def training_table(records: list[BenchmarkRecord]) -> str:
-    header = ["method", "status", "ms/step (median)", "min", "max", "repeats", "tokens/s",
-              "peak memory", "trainable params", "backend"]
+    header = _columns(
+        "method | status | ms/step (median) | min | max | repeats | tokens/s | peak memory | "
+        "trainable params | backend"
+    )
     rows = [
         [
             r.label,
@@ -145,15 +145,17 @@ def training_table(records: list[BenchmarkRecord]) -> str:
 def inference_table(records: list[BenchmarkRecord]) -> str:
     inference = _by_suite(records, "inference")
     base = {r.phase: r.ms for r in inference if r.method == "base" and r.ok}
-    header = ["method", "prefill ms", "prefill tokens/s", "decode ms/token", "decode tokens/s",
-              "decode vs base", "peak memory (prefill / decode)", "adapter params", "backend"]
+    header = _columns(
+        "method | prefill ms | prefill tokens/s | decode ms/token | decode tokens/s | "
+        "decode vs base | peak memory (prefill / decode) | adapter params | backend"
+    )
     rows = []
     for method in dict.fromkeys(r.method for r in inference):
         phases = {r.phase: r for r in inference if r.method == method}
         prefill, decode = phases.get("prefill"), phases.get("decode")
         first = prefill or decode
         if not first.ok:
-            rows.append([first.label, first.status, "-", "-", "-", "-", "-", "-", "-"])
+            rows.append([first.label, first.status, *["-"] * (len(header) - 2)])
             continue
         rows.append(
             [
@@ -171,44 +173,39 @@ def inference_table(records: list[BenchmarkRecord]) -> str:
     return _table(header, rows)
 
 
+def _point(r: BenchmarkRecord) -> tuple:
+    return (r.tokens, r.hidden_size, r.rank, r.activation, r.dtype, r.residual)
+
+
 def kernel_tables(records: list[BenchmarkRecord]) -> list[tuple[str, str]]:
     """(title, table) per pass: one row per grid point, "ms (% of roofline)" per method."""
     kernel = [r for r in _by_suite(records, "kernel") if r.pass_ is not None]
-    tables = []
     labels = {r.method: r.label for r in kernel}
-    columns = [m for m in KERNEL_COLUMNS if m in labels]
+    columns = [m for m in labels if m != "roofline"]  # the implementations, in run order
+    header = ["N", "d", "r", "phi", "dtype", "residual", "roofline ms"]
+    header += [labels[m] for m in columns]
+    tables = []
     for pass_ in dict.fromkeys(r.pass_ for r in kernel):
-        rows_of_pass = [r for r in kernel if r.pass_ == pass_]
-        points = dict.fromkeys(
-            (r.tokens, r.hidden_size, r.rank, r.activation, r.dtype, r.residual)
-            for r in rows_of_pass
-        )
+        at: dict[tuple, dict[str, BenchmarkRecord]] = {}
+        for r in kernel:
+            if r.pass_ == pass_:
+                at.setdefault(_point(r), {})[r.method] = r
         rows = []
-        for point in points:
-            at_point = {
-                r.method: r
-                for r in rows_of_pass
-                if (r.tokens, r.hidden_size, r.rank, r.activation, r.dtype, r.residual) == point
-            }
-            roofline = at_point.get("roofline")
-            cells = []
-            for method in columns:
-                r = at_point.get(method)
-                if r is None:
-                    cells.append("-")
-                elif not r.ok:
-                    cells.append(r.status)
-                else:
-                    cells.append(f"{format_ms(r.ms)} ({r.roofline_pct:.0f}%)")
-            tokens, d, rank, activation, dtype, residual = point
+        for (tokens, d, rank, activation, dtype, residual), by_method in at.items():
+            roofline = by_method.get("roofline")
+            cells = [_kernel_cell(by_method.get(method)) for method in columns]
             rows.append(
-                [str(tokens), str(d), str(rank), activation, dtype, "yes" if residual else "no",
-                 format_ms(roofline.ms) if roofline else "-", *cells]
+                [str(tokens), str(d), str(rank), activation, dtype, "yes" if residual else "no"]
+                + [format_ms(roofline.ms) if roofline else "-", *cells]
             )
-        header = ["N", "d", "r", "phi", "dtype", "residual", "roofline ms",
-                  *(labels[m] for m in columns)]
         tables.append((pass_, _table(header, rows)))
     return tables
+
+
+def _kernel_cell(r: BenchmarkRecord | None) -> str:
+    if r is None:
+        return "-"
+    return f"{format_ms(r.ms)} ({r.roofline_pct:.0f}%)" if r.ok else r.status
 
 
 def render_report(records: list[BenchmarkRecord], notes: list[str] = ()) -> str:

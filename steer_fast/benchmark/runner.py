@@ -13,18 +13,24 @@ import torch
 
 from .context import RunContext
 from .environment import Environment, keep_freed_host_memory
-from .inference_suite import inference_job_count, run_inference_suite
+from .inference_suite import INFERENCE_SUITE
 from .kernel_suite import kernel_job_count, run_kernel_suite
 from .memory import memory_measure_name
 from .records import BenchmarkRecord, save_records, write_text_atomic
 from .report import render_report
 from .settings import BenchmarkSettings
-from .training_suite import LEARNING_RATE, run_training_suite, training_job_count
+from .training_suite import LEARNING_RATE, TRAINING_SUITE
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # tqdm comes with the [bench] extra; without it, no progress bar
+    tqdm = None
 
 SuiteRunner = Callable[[RunContext], Iterator[BenchmarkRecord]]
+# The suites in the order they run: (run, job count) by name.
 SUITE_RUNNERS: dict[str, tuple[SuiteRunner, Callable[[RunContext], int]]] = {
-    "training": (run_training_suite, training_job_count),
-    "inference": (run_inference_suite, inference_job_count),
+    "training": (TRAINING_SUITE.run, TRAINING_SUITE.job_count),
+    "inference": (INFERENCE_SUITE.run, INFERENCE_SUITE.job_count),
     "kernel": (run_kernel_suite, kernel_job_count),
 }
 
@@ -50,21 +56,22 @@ def load_average() -> str:
 def run_notes(
     settings: BenchmarkSettings, host_allocator: str | None, loads: tuple[str, str]
 ) -> list[str]:
-    notes = [f"- Host allocator: {host_allocator}"] if host_allocator else []
-    notes.append(
-        f"- 1-minute load average before / after the run: {loads[0]} / {loads[1]} "
-        f"({os.cpu_count()} CPUs); other work on the machine slows every method"
+    """The report's notes on how the run was made."""
+    rounds = (
+        "the methods of each suite (and the implementations of each kernel case) are timed "
+        "in rounds, one repeat of each per round, in a rotating order"
     )
+    notes = [f"- Host allocator: {host_allocator}"] if host_allocator else []
     return notes + [
+        f"- 1-minute load average before / after the run: {loads[0]} / {loads[1]} "
+        f"({os.cpu_count()} CPUs); other work on the machine slows every method",
         f"- Training: AdamW(lr={LEARNING_RATE}, weight_decay=0) over each method's trainable "
         f"parameters; LoRA alpha = r, no dropout; LoReFT and steer_fast on every layer, "
         f"every position",
         f"- Inference: prefill of the {settings.batch} x {settings.seq_len} prompt, then "
         f"{settings.decode_tokens} greedy tokens with the KV cache, time per token",
         "- Timing: medians over repeats after warm-ups; "
-        + ("the methods of each suite (and the implementations of each kernel case) are timed "
-           "in rounds, one repeat of each per round, in a rotating order"
-           if settings.interleave else "methods timed one after another"),
+        + (rounds if settings.interleave else "methods timed one after another"),
         f"- Peak memory: {memory_measure_name(settings.device)}",
         f"- Seed {settings.seed} for every method's weights and data",
     ]
@@ -72,11 +79,6 @@ def run_notes(
 
 def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> BenchmarkRun:
     """Run ``settings.suites`` (training, inference, kernel order) and write the outputs."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with the [bench] extra; without it, no progress bar
-        progress, tqdm = False, _NoProgress
-
     started = time.perf_counter()
     load_before = load_average()
     host_allocator = keep_freed_host_memory() if settings.device.type == "cpu" else None
@@ -86,16 +88,17 @@ def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> Benchm
     context = RunContext(settings, Environment.capture(settings.device))
     suites = [name for name in SUITE_RUNNERS if name in settings.suites]
     total = sum(SUITE_RUNNERS[name][1](context) for name in suites)
-    bar = tqdm(total=total, disable=not progress, unit="job", dynamic_ncols=True)
+    bar = tqdm(total=total, unit="job", dynamic_ncols=True) if progress and tqdm else None
     jobs_started = 0
 
     def advance(description: str, count: bool = True) -> None:
         nonlocal jobs_started
         if count:
-            if jobs_started:
+            if jobs_started and bar is not None:
                 bar.update(1)
             jobs_started += 1
-        bar.set_description_str(description[:70])
+        if bar is not None:
+            bar.set_description_str(description[:70])
 
     context.advance = advance
     records: list[BenchmarkRecord] = []
@@ -108,8 +111,9 @@ def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> Benchm
             for name in suites:
                 records.extend(SUITE_RUNNERS[name][0](context))
     finally:
-        bar.update(total - bar.n)
-        bar.close()
+        if bar is not None:
+            bar.update(total - bar.n)
+            bar.close()
         torch.set_num_threads(threads_before)
     loads = (load_before, load_average())
     report = render_report(records, run_notes(settings, host_allocator, loads))
@@ -117,34 +121,16 @@ def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> Benchm
     return BenchmarkRun(records, report, settings.out, files, time.perf_counter() - started)
 
 
-class _NoProgress:
-    """Stands in for tqdm when it is not installed."""
-
-    n = 0
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def update(self, count: int = 1) -> None:
-        self.n += count
-
-    def set_description_str(self, description: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def write_outputs(
     settings: BenchmarkSettings, records: list[BenchmarkRecord], report: str
 ) -> list[Path]:
+    """results.json, report.md and (unless ``settings.plots`` is off) the PNG plots."""
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     save_records(out / "results.json", records)
     write_text_atomic(out / "report.md", report)
     files = [out / "results.json", out / "report.md"]
     if settings.plots:
-        from .plots import write_plots
+        from .plots import write_plots  # matplotlib is optional: imported only for plots
 
         files += write_plots(records, out)
     return files

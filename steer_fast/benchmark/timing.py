@@ -16,7 +16,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -35,13 +36,13 @@ class Timing:
 
     @classmethod
     def from_samples(cls, samples_ms: list[float], warmup: int) -> Timing:
-        return cls(
-            median_ms=statistics.median(samples_ms),
-            min_ms=min(samples_ms),
-            max_ms=max(samples_ms),
-            repeats=len(samples_ms),
-            warmup=warmup,
-        )
+        median, low, high = statistics.median(samples_ms), min(samples_ms), max(samples_ms)
+        return cls(median, low, high, repeats=len(samples_ms), warmup=warmup)
+
+    def scaled(self, factor: float) -> Timing:
+        """The same timing with every time multiplied by ``factor`` (e.g. per decoded token)."""
+        times = self.median_ms * factor, self.min_ms * factor, self.max_ms * factor
+        return replace(self, median_ms=times[0], min_ms=times[1], max_ms=times[2])
 
     def record_fields(self) -> dict[str, float | int]:
         """The timing fields of a benchmark record: ms (the median), ms_min, ms_max, repeats,
@@ -91,22 +92,26 @@ def synchronize(device: torch.device) -> None:
 class Call:
     """One thing to time: ``fn()``, or ``fn(setup())`` with only ``fn`` timed."""
 
-    fn: Callable[..., object]
-    setup: Callable[[], object] | None = None
+    fn: Callable[..., Any]
+    setup: Callable[[], Any] | None = None
 
-    def prepare(self) -> object:
+    def prepare(self) -> Any:
         return None if self.setup is None else self.setup()
 
-    def invoke(self, argument: object) -> object:
+    def invoke(self, argument: Any) -> Any:
         return self.fn() if self.setup is None else self.fn(argument)
+
+    def once(self) -> Any:
+        """One whole call, its setup included."""
+        return self.invoke(self.prepare())
 
 
 def measure(
-    fn: Callable[..., object],
+    fn: Callable[..., Any],
     device: torch.device,
     plan: TimingPlan = TimingPlan(),
     flush_l2: bool = False,
-    setup: Callable[[], object] | None = None,
+    setup: Callable[[], Any] | None = None,
 ) -> Timing:
     """Time ``fn()``: ``plan.warmup`` calls, then the planned repeats; returns their spread.
 
@@ -138,85 +143,68 @@ def measure_interleaved(
     raises is dropped from the rounds and its exception returned in its place.
     """
     results: dict[str, Timing | Exception] = {}
-    per_call: dict[str, float] = {}
+    last_warmup_s: dict[str, float] = {}
     for name, call in calls.items():
         try:
             for _ in range(plan.warmup - 1):
-                call.invoke(call.prepare())
+                call.once()
             argument = call.prepare()
             synchronize(device)
             start = time.perf_counter()
             call.invoke(argument)
             synchronize(device)
-            per_call[name] = time.perf_counter() - start
+            last_warmup_s[name] = time.perf_counter() - start
             del argument
         except Exception as error:  # reported in the call's place, the others go on
             results[name] = error
-    live = [name for name in calls if name in per_call]
-    if not live:
-        return results
-    repeats = plan.repeats_for(sum(per_call.values()) / len(live))
-    samples: dict[str, list[float]] = {name: [] for name in live}
-    timer = _CudaTimer(device, flush_l2) if device.type == "cuda" else _HostTimer()
-    for round_index in range(repeats):
-        shift = round_index % len(live)
-        for name in live[shift:] + live[:shift]:
-            if name in results:
-                continue
-            try:
-                timer.run(name, calls[name])
-            except Exception as error:
-                results[name] = error
-    for name, elapsed in timer.finish().items():
-        if name not in results:
-            samples[name].extend(elapsed)
-    for name in live:
-        if name not in results:
-            results[name] = Timing.from_samples(samples[name], plan.warmup)
+    live = list(last_warmup_s)
+    if live:
+        timer = _RepeatTimer(device, flush_l2)
+        for round_index in range(plan.repeats_for(sum(last_warmup_s.values()) / len(live))):
+            shift = round_index % len(live)
+            for name in live[shift:] + live[:shift]:
+                if name not in results:
+                    try:
+                        timer.run(name, calls[name])
+                    except Exception as error:
+                        results[name] = error
+        for name, samples in timer.samples_ms().items():
+            if name not in results:
+                results[name] = Timing.from_samples(samples, plan.warmup)
     return {name: results[name] for name in calls}
 
 
-class _HostTimer:
-    def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {}
-
-    def run(self, name: str, call: Call) -> None:
-        argument = call.prepare()
-        start = time.perf_counter()
-        call.invoke(argument)
-        self.samples.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
-
-    def finish(self) -> dict[str, list[float]]:
-        return self.samples
-
-
-class _CudaTimer:
-    """CUDA events around each call; read once, after a single synchronisation at the end."""
+class _RepeatTimer:
+    """Times one repeat at a time: CUDA events read after one synchronisation at the end, or
+    ``time.perf_counter`` on the CPU."""
 
     def __init__(self, device: torch.device, flush_l2: bool) -> None:
-        self.device = device
-        self.flush = (
-            torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None
-        )
-        self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        self.device, self.cuda = device, device.type == "cuda"
+        self.flush = None
+        if self.cuda and flush_l2:
+            self.flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+        self.samples: dict[str, list] = {}
 
     def run(self, name: str, call: Call) -> None:
         argument = call.prepare()
+        if not self.cuda:
+            start = time.perf_counter()
+            call.invoke(argument)
+            self.samples.setdefault(name, []).append((time.perf_counter() - start) * 1e3)
+            return
         if self.flush is not None:
             self.flush.zero_()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         call.invoke(argument)
         end.record()
-        self.events.setdefault(name, []).append((start, end))
+        self.samples.setdefault(name, []).append((start, end))
 
-    def finish(self) -> dict[str, list[float]]:
+    def samples_ms(self) -> dict[str, list[float]]:
+        if not self.cuda:
+            return self.samples
         torch.cuda.synchronize(self.device)
-        return {
-            name: [start.elapsed_time(end) for start, end in pairs]
-            for name, pairs in self.events.items()
-        }
+        return {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in self.samples.items()}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ run.
 ``python bench/tune_kernels.py`` runs it; the results are what the heuristics in
 ``kernels/post_block_steer.py`` should be updated from. Under the Triton interpreter (CPU
 tensors, ``quick=True``) the sweep checks every candidate's results on tiny shapes; its timings
-mean nothing there.
+mean nothing there. Importing this module imports the kernels: for the interpreter, set
+``TRITON_INTERPRET=1`` first.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..kernels import post_block_steer as kernels
-from .timing import TimingPlan, copy_bandwidth, measure
+from steer_fast.benchmark.timing import TimingPlan, copy_bandwidth, measure
+from steer_fast.kernels import post_block_steer as kernels
 
 _TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
@@ -58,15 +59,24 @@ def backward_candidates(shape: TuningShape, quick: bool = False) -> dict[str, li
     if quick:
         return {
             "rows": [dict(rows_block_m=m, rows_block_d=d) for m in (16, 32) for d in (16, 32)],
-            "cols": [dict(cols_block_m=m, cols_block_d=d, splits=s)
-                     for m in (16,) for d in (16, 32) for s in (1, 3)],
+            "cols": [
+                dict(cols_block_m=m, cols_block_d=d, splits=s)
+                for m in (16,)
+                for d in (16, 32)
+                for s in (1, 3)
+            ],
         }
     return {
-        "rows": [dict(rows_block_m=m, rows_block_d=d, num_warps=w)
-                 for m, d, w in itertools.product((16, 32, 64), (64, 128, 256, 512), (4, 8))],
-        "cols": [dict(cols_block_m=m, cols_block_d=d, num_warps=w, splits=s)
-                 for m, d, w, s in itertools.product(
-                     (16, 32), (16, 32, 64, 128), (4, 8), (None, 132, 264))],
+        "rows": [
+            dict(rows_block_m=m, rows_block_d=d, num_warps=w)
+            for m, d, w in itertools.product((16, 32, 64), (64, 128, 256, 512), (4, 8))
+        ],
+        "cols": [
+            dict(cols_block_m=m, cols_block_d=d, num_warps=w, splits=s)
+            for m, d, w, s in itertools.product(
+                (16, 32), (16, 32, 64, 128), (4, 8), (None, 132, 264)
+            )
+        ],
     }
 
 
@@ -90,12 +100,28 @@ class _Inputs:
         self.backward = kernels.post_block_steer_backward(*self.backward_args())
 
     def forward_args(self) -> tuple:
-        return (self.hidden, self.down, self.up, self.down_bias, self.up_bias, self.residual,
-                self.shape.activation, 0.5)
+        return (
+            self.hidden,
+            self.down,
+            self.up,
+            self.down_bias,
+            self.up_bias,
+            self.residual,
+            self.shape.activation,
+            0.5,
+        )
 
     def backward_args(self) -> tuple:
-        return (self.grad_out, self.forward.out, self.forward.z, self.down, self.up, self.up_bias,
-                self.shape.activation, 0.5)
+        return (
+            self.grad_out,
+            self.forward.out,
+            self.forward.z,
+            self.down,
+            self.up,
+            self.up_bias,
+            self.shape.activation,
+            0.5,
+        )
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -105,9 +131,14 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _row(shape: TuningShape, kernel: str, config: object, **fields) -> dict:
     return {
-        "tokens": shape.tokens, "hidden_size": shape.hidden_size, "rank": shape.rank,
-        "dtype": str(shape.dtype).removeprefix("torch."), "activation": shape.activation,
-        "kernel": kernel, "config": asdict(config) if config is not None else None, **fields,
+        "tokens": shape.tokens,
+        "hidden_size": shape.hidden_size,
+        "rank": shape.rank,
+        "dtype": str(shape.dtype).removeprefix("torch."),
+        "activation": shape.activation,
+        "kernel": kernel,
+        "config": asdict(config) if config is not None else None,
+        **fields,
     }
 
 
@@ -135,12 +166,20 @@ def tune_shape(
             timing = measure(launch, device, plan, flush_l2=device.type == "cuda")
         except Exception as error:  # a candidate that does not build gets a row that says why
             reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            return _row(shape, kernel, config, status="failed", reason=reason,
-                        heuristic=heuristic)
+            return _row(shape, kernel, config, status="failed", reason=reason, heuristic=heuristic)
         bytes_per_s = minimum_bytes[kernel] / (timing.median_ms * 1e-3)
-        return _row(shape, kernel, config, status="ok", heuristic=heuristic,
-                    ms=timing.median_ms, ms_min=timing.min_ms, ms_max=timing.max_ms,
-                    gbps=bytes_per_s / 1e9, copy_fraction=bytes_per_s / copy_bytes_per_s)
+        return _row(
+            shape,
+            kernel,
+            config,
+            status="ok",
+            heuristic=heuristic,
+            ms=timing.median_ms,
+            ms_min=timing.min_ms,
+            ms_max=timing.max_ms,
+            gbps=bytes_per_s / 1e9,
+            copy_fraction=bytes_per_s / copy_bytes_per_s,
+        )
 
     default_forward = kernels.default_forward_config(shape.hidden_size, shape.rank, shape.dtype)
     for config in [default_forward, *forward_candidates(shape, quick)]:
@@ -158,8 +197,9 @@ def tune_shape(
     default_backward = kernels.default_backward_config(shape.hidden_size, shape.rank, shape.dtype)
     candidates = backward_candidates(shape, quick)
     for kernel_index, name in ((0, "rows"), (1, "cols")):
-        configs = [default_backward] + [replace(default_backward, **fields)
-                                        for fields in candidates[name]]
+        configs = [default_backward] + [
+            replace(default_backward, **fields) for fields in candidates[name]
+        ]
         for config in configs:
             result = kernels.plan_backward(*inputs.backward_args(), config=config)
             # Timed alone: the check before it has run the kernels that fill its inputs (gz for
@@ -186,8 +226,12 @@ def tune(
     """Tune every shape; the first record is the copy bandwidth the fractions refer to."""
     plan = plan or TimingPlan(warmup=3, min_repeats=10, max_repeats=50, budget_s=0.3)
     bandwidth = copy_bandwidth(device)
-    yield {"kernel": "copy", "status": "ok", "gbps": bandwidth.bytes_per_s / 1e9,
-           "ms": bandwidth.timing.median_ms}
+    yield {
+        "kernel": "copy",
+        "status": "ok",
+        "gbps": bandwidth.bytes_per_s / 1e9,
+        "ms": bandwidth.timing.median_ms,
+    }
     for shape in shapes:
         yield from tune_shape(shape, device, bandwidth.bytes_per_s, plan, quick)
 
@@ -198,14 +242,25 @@ def best_rows(records: list[dict]) -> list[dict]:
     for record in records:
         if record["kernel"] == "copy":
             continue
-        key = (record["tokens"], record["hidden_size"], record["rank"], record["dtype"],
-               record["kernel"])
+        key = (
+            record["tokens"],
+            record["hidden_size"],
+            record["rank"],
+            record["dtype"],
+            record["kernel"],
+        )
         groups.setdefault(key, []).append(record)
     rows = []
     for key, group in groups.items():
         ok = [r for r in group if r["status"] == "ok"]
         heuristic = next((r for r in group if r["heuristic"]), None)
         best = min(ok, key=lambda r: r["ms"]) if ok else None
-        rows.append({"key": key, "heuristic": heuristic, "best": best,
-                     "failed": sum(r["status"] != "ok" for r in group)})
+        rows.append(
+            {
+                "key": key,
+                "heuristic": heuristic,
+                "best": best,
+                "failed": sum(r["status"] != "ok" for r in group),
+            }
+        )
     return rows
