@@ -4,9 +4,10 @@ The interpreter checks what the kernels compute; it does not run Triton's compil
 takes the exact launches the launchers would make (``plan_forward`` / ``plan_backward`` on small
 CPU tensors with the launch heuristics of a large shape) and compiles each kernel through
 Triton's full pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas to cubin) for a CUDA target, so a
-kernel that would not build on an H100 fails here, on the CPU.
+kernel that would not build on an H100 fails here, on the CPU. It covers post_block_steer's
+kernels (CASES) and steering_vector's (VECTOR_CASES, rank 0, no activation).
 
-    python bench/compile_check.py                 # sm_90, every case in CASES, as a table
+    python bench/compile_check.py                 # sm_90, every case in ALL_CASES, as a table
     python bench/compile_check.py --json          # one JSON record per compiled kernel
     python bench/compile_check.py --arch 100      # another compute capability
 
@@ -32,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from steer_fast.kernels import post_block_steer as kernels
+from steer_fast.kernels import steering_vector as vector_kernels
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
@@ -55,6 +57,29 @@ CASES = [
     CompileCase(8192, 256, torch.bfloat16, "tanh"),
     CompileCase(256, 1, torch.bfloat16, "relu"),
     CompileCase(200, 8, torch.float16, "silu", residual=False),
+]
+
+
+@dataclass(frozen=True)
+class VectorCompileCase:
+    """A steering_vector shape: the rank-0 op, with no activation."""
+
+    hidden_size: int
+    dtype: torch.dtype
+    residual: bool = True
+
+    rank = 0
+    activation = None
+
+
+# Every dtype, with and without the residual, full-width and partial column tiles; the backward
+# in both forms (one token split writing db directly, and partials plus the reduction).
+VECTOR_CASES = [
+    VectorCompileCase(4096, torch.bfloat16),
+    VectorCompileCase(8192, torch.float32, residual=False),
+    VectorCompileCase(2048, torch.float16),
+    VectorCompileCase(200, torch.bfloat16, residual=False),
+    VectorCompileCase(24, torch.float32),
 ]
 
 
@@ -125,12 +150,16 @@ def resource_usage(cubin: bytes) -> ResourceUsage:
     return ResourceUsage(*(int(group) for group in match.groups()))
 
 
-def case_launches(case: CompileCase, n_rows: int = 64) -> list[kernels.KernelLaunch]:
+def case_launches(
+    case: CompileCase | VectorCompileCase, n_rows: int = 64
+) -> list[kernels.KernelLaunch]:
     """The forward and backward launches for ``case``, on small CPU tensors.
 
     Block shapes depend on d and r only, so a few rows give the launches of any token count;
     the token-split count (a runtime argument, not compiled in) is the one difference.
     """
+    if isinstance(case, VectorCompileCase):
+        return vector_case_launches(case, n_rows)
     d, r, dtype = case.hidden_size, case.rank, case.dtype
     hidden = torch.zeros(n_rows, d, dtype=dtype)
     residual = torch.zeros(n_rows, d, dtype=dtype) if case.residual else None
@@ -149,9 +178,36 @@ def case_launches(case: CompileCase, n_rows: int = 64) -> list[kernels.KernelLau
     return [*forward.launches, *backward.launches]
 
 
-def compile_cases(arch: int = 90, cases: list[CompileCase] = CASES):
+def vector_case_launches(case: VectorCompileCase, n_rows: int = 64) -> list[kernels.KernelLaunch]:
+    """steering_vector's forward launch and both forms of its backward, on small CPU tensors.
+
+    Whether the backward's first kernel writes db itself (one token split) or partials is compiled
+    in (FINAL), so both are planned, with the default tiles: one split, and two splits over enough
+    rows for two row blocks.
+    """
+    d, dtype = case.hidden_size, case.dtype
+    hidden = torch.zeros(n_rows, d, dtype=dtype)
+    residual = torch.zeros(n_rows, d, dtype=dtype) if case.residual else None
+    forward = vector_kernels.plan_forward(
+        hidden=hidden, bias=torch.zeros(d, dtype=dtype), residual=residual, scale=0.5
+    )
+    tile = vector_kernels.default_backward_config(d)
+    launches = [*forward.launches]
+    for splits in (1, 2):
+        grad_out = torch.zeros(splits * tile.block_m, d, dtype=dtype)
+        config = vector_kernels.BackwardConfig(tile.block_m, tile.block_d, splits=splits)
+        launches += vector_kernels.plan_backward(
+            grad_out=grad_out, scale=0.5, config=config
+        ).launches
+    return launches
+
+
+ALL_CASES = [*CASES, *VECTOR_CASES]
+
+
+def compile_cases(arch: int = 90, cases: list[CompileCase | VectorCompileCase] = ALL_CASES):
     """Compile every distinct launch of ``cases``; yield (case, launch, compiled, usage)."""
-    if kernels.interpreted():
+    if kernels.interpreted() or vector_kernels.interpreted():
         raise RuntimeError("unset TRITON_INTERPRET: the kernels are interpreted functions here")
     target = GPUTarget("cuda", arch, 32)
     seen = set()
@@ -179,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for case, launch, _, usage in compile_cases(args.arch):
             record = {
-                "kernel": launch.kernel.__name__, "hidden_size": case.hidden_size,
+                "kernel": launch.kernel.__name__,
+                "op": "steering_vector" if isinstance(case, VectorCompileCase)
+                else "post_block_steer",
+                "hidden_size": case.hidden_size,
                 "rank": case.rank, "dtype": str(case.dtype).removeprefix("torch."),
                 "activation": case.activation, **usage._asdict(),
             }
@@ -191,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     for case, launch, compiled, usage in compile_cases(args.arch):
         print(
             f"| {launch.kernel.__name__} | {case.hidden_size} | {case.rank} "
-            f"| {str(case.dtype).removeprefix('torch.')} | {case.activation} "
+            f"| {str(case.dtype).removeprefix('torch.')} | {case.activation or '-'} "
             f"| {usage.registers} | {usage.stack_bytes} | {compiled.metadata.shared} "
             f"| {time.perf_counter() - start:.1f} |",
             flush=True,

@@ -1,8 +1,9 @@
-"""The unfused eager reference of post_block_steer, in plain autograd PyTorch.
+"""The unfused eager references of post_block_steer and steering_vector, in plain PyTorch.
 
-Tests compare every backend with it (in fp64), and the benchmarks time it as the unfused
-baseline (in the model's dtype). It keeps h and the intermediate activations for the backward,
-as an unfused implementation would.
+Tests compare every backend with them (in fp64), and the benchmarks time them as the unfused
+baselines (in the model's dtype). They keep h and the intermediate activations for the backward,
+as an unfused implementation would (steering_vector's reference keeps nothing: neither does
+autograd for an add).
 """
 
 from __future__ import annotations
@@ -32,3 +33,15 @@ def reference_post_block_steer(
     if up_bias is not None:
         delta = delta + up_bias
     return h + scale * delta
+
+
+def reference_steering_vector(
+    hidden: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h + scale * bias, h = residual + hidden, with bias [d] broadcast over every token."""
+    h = hidden if residual is None else residual + hidden
+    return h + scale * bias

@@ -1,4 +1,4 @@
-"""Argument checks for post_block_steer, run before any kernel launches.
+"""Argument checks for post_block_steer and steering_vector, run before any kernel launches.
 
 Every failure is a ValueError that names the argument and says what was expected.
 """
@@ -125,3 +125,43 @@ def check_learning_rate(name: str, value: object) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     return float(value)
+
+
+def check_vector_inputs(
+    hidden: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
+) -> None:
+    """Shapes, dtypes and devices of steering_vector's tensors.
+
+    hidden [..., d] (2-D or 3-D, d >= 1); bias [d]; residual hidden.shape or None. One dtype and
+    one device for all of them.
+    """
+    _check_tensor("hidden", hidden, (2, 3))
+    _check_tensor("bias", bias, 1)
+    hidden_size = hidden.shape[-1]
+    if hidden_size < 1:
+        raise ValueError(f"hidden must have a last dimension >= 1, got shape {tuple(hidden.shape)}")
+    if tuple(bias.shape) != (hidden_size,):
+        raise ValueError(
+            f"bias must be [{hidden_size}] to match hidden's last dimension, "
+            f"got {tuple(bias.shape)}"
+        )
+    tensors = {"bias": bias}
+    if residual is not None:
+        _check_tensor("residual", residual, (2, 3))
+        if residual.shape != hidden.shape:
+            raise ValueError(
+                f"residual must have hidden's shape {tuple(hidden.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
+        tensors["residual"] = residual
+    for name, tensor in tensors.items():
+        if tensor.dtype != hidden.dtype:
+            raise ValueError(
+                f"{name} has dtype {tensor.dtype} but hidden has {hidden.dtype}: "
+                "all tensors must share one dtype"
+            )
+        if tensor.device != hidden.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but hidden is on {hidden.device}: "
+                "all tensors must be on one device"
+            )

@@ -2,8 +2,9 @@
 
 The interpreter checks what the kernels compute but never runs Triton's compiler; this runs
 bench/compile_check.py (every kernel, dtype, activation, single- and two-pass forward, ranks
-1 to 256, with the launch heuristics' block shapes) in a fresh interpreter without
-TRITON_INTERPRET, and checks ptxas's register report.
+1 to 256, with the launch heuristics' block shapes; steering_vector's forward, both forms of its
+backward and its reduction) in a fresh interpreter without TRITON_INTERPRET, and checks ptxas's
+register report.
 """
 
 import importlib.util
@@ -29,6 +30,9 @@ KERNELS = {
     "_post_block_steer_backward_rows_kernel",
     "_post_block_steer_backward_cols_kernel",
     "_reduce_weight_grads_kernel",
+    "_steering_vector_forward_kernel",
+    "_steering_vector_backward_kernel",
+    "_steering_vector_reduce_kernel",
 }
 
 
@@ -43,13 +47,17 @@ def _nvidia_backend_available() -> bool:
 def test_launches_name_every_kernel_parameter():
     """Each launch passes every kernel parameter by its name and nothing else (the interpreter
     drops unknown keywords silently; the compiled kernels would reject them)."""
-    seen = set()
-    for case in compile_check.CASES:
+    seen, vector_backward_forms = set(), set()
+    for case in compile_check.ALL_CASES:
         for launch in compile_check.case_launches(case, n_rows=4):
             assert sorted(launch.kwargs) == sorted(launch.kernel.arg_names), launch.kernel
             assert set(launch.options) <= {"num_warps", "num_stages"}
             seen.add(launch.kernel.__name__)
+            if launch.kernel.__name__ == "_steering_vector_backward_kernel":
+                vector_backward_forms.add(launch.kwargs["FINAL"])
     assert seen == KERNELS
+    # Both compiled forms of steering_vector's backward: db written directly, and partials.
+    assert vector_backward_forms == {True, False}
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="triton without its CUDA backend")
@@ -62,12 +70,14 @@ def test_kernels_compile_for_sm90_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in records} == KERNELS
+    assert {r["op"] for r in records} == {"post_block_steer", "steering_vector"}
     assert {r["activation"] for r in records} >= {
         "identity", "relu", "silu", "gelu", "gelu_tanh", "tanh"
     }
     for record in records:
         assert record["registers"] <= 255
-        # Up to rank 64 every kernel fits its registers; at rank 256 the backward's columns
-        # kernel holds [rows, 256] tiles of gz, z and a and may spill a little.
+        # Up to rank 64 every kernel fits its registers (steering_vector's, rank 0, included);
+        # at rank 256 the backward's columns kernel holds [rows, 256] tiles of gz, z and a and
+        # may spill a little.
         if record["rank"] <= 64:
             assert record["stack_bytes"] == 0, record
