@@ -385,7 +385,7 @@ def steering_vector_forward(
     config: ForwardConfig | None = None,
 ) -> torch.Tensor:
     """Run the fused forward; returns ``out``. Inputs are assumed validated
-    (steer_fast.steering_vector does that)."""
+    (steer_fast.vector_op does that)."""
     plan = plan_forward(hidden, bias, residual, scale, config)
     for launch in plan.launches:
         launch()

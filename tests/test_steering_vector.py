@@ -25,8 +25,7 @@ from steer_fast.traffic import TrafficCounter
 
 from op_helpers import TOLERANCES, assert_close
 
-# The module itself: the package attribute ``steer_fast.steering_vector`` is the function.
-op_module = importlib.import_module("steer_fast.steering_vector")
+op_module = importlib.import_module("steer_fast.vector_op")
 
 BACKENDS = ["triton", "torch"]
 FORWARD_KERNEL = "_steering_vector_forward_kernel"
