@@ -11,11 +11,12 @@ import importlib
 from typing import Any
 
 from .activations import ACTIVATIONS
-from .adapter import PostBlockAdapter
+from .adapter import PostBlockAdapter, SteeringVector
 from .config import SteerConfig
 from .model import SteerModel, get_steer_model
 from .ops import post_block_steer, resolve_backend
 from .orthogonality import OrthogonalityConfig
+from .vector_op import steering_vector
 
 __version__ = "0.1.0"
 
@@ -44,9 +45,11 @@ __all__ = [
     "PostBlockAdapter",
     "SteerConfig",
     "SteerModel",
+    "SteeringVector",
     "get_joint_model",
     "get_steer_model",
     "post_block_steer",
     "resolve_backend",
+    "steering_vector",
     "__version__",
 ]

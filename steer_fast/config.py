@@ -15,7 +15,14 @@ import torch
 from .validation import BACKENDS, TORCH_DTYPES, TRITON_DTYPES, check_activation, check_scale
 
 STEER_TYPE = "post_block"
-FORMAT_VERSION = 1
+# 2: rank 0 (steering vectors), sites, the init option.
+FORMAT_VERSION = 2
+# Where in a decoder layer steering is applied: after the block (its output, after the skip
+# connection), or on the attention / MLP branch output before its residual add.
+SITES: tuple[str, ...] = ("block", "attn", "mlp")
+# How a low-rank adapter's down-projection starts: "published", Kaiming-uniform (a = sqrt 5)
+# scaled by 1e-3 as in the paper's code; "lora", Kaiming-uniform as LoRA's A matrix.
+INITS: tuple[str, ...] = ("published", "lora")
 CONFIG_NAME = "steer_config.json"
 WEIGHTS_NAME = "steer_model.safetensors"
 
@@ -56,6 +63,18 @@ def check_format_version(version: object, newest: int, source: str = "the config
     return version
 
 
+def _check_sites(site: object) -> tuple[str, ...]:
+    names = (site,) if isinstance(site, str) else site
+    if isinstance(names, bytes) or not isinstance(names, Sequence) or not names:
+        raise ValueError(f"site must be one of {SITES} or a list of them, got {site!r}")
+    unknown = [name for name in names if name not in SITES]
+    if unknown:
+        raise ValueError(f"site must be one of {SITES} or a list of them, got {site!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"site must not repeat a site, got {site!r}")
+    return tuple(name for name in SITES if name in names)
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -92,10 +111,13 @@ class SteerConfig:
     Every field is checked in ``__post_init__``; a bad value raises ValueError naming the field.
 
     Attributes:
-        rank: width r of the bottleneck, >= 1.
+        rank: width r of the bottleneck, >= 1; or 0 for a steering vector, one trainable vector
+            b per steered layer and site, zero at first: out = h + scale * b.
         activation: phi, one of ``steer_fast.ACTIVATIONS`` ("identity", "relu", "silu", "gelu",
-            "gelu_tanh", "tanh").
-        bias: whether D and U carry the biases b_d, b_u.
+            "gelu_tanh", "tanh"); None (the default) gives "silu", the published default, for
+            rank >= 1 and "identity" for rank 0 (which has no phi: any other is an error).
+        bias: whether D and U carry the biases b_d, b_u (the published adapter has none; rank 0
+            must leave it False).
         scale: steering strength s, any finite real; 0 leaves the model unchanged. Changed at run
             time with ``SteerModel.set_scale``.
         layers: decoder-layer indices to steer (0-based, stored sorted), or None for every layer.
@@ -108,6 +130,15 @@ class SteerConfig:
             backend only), as a torch.dtype or its name; None for the model's dtype.
         backend: post_block_steer backend for every adapter: "auto" (Triton on CUDA, torch
             otherwise), "triton" or "torch".
+        site: where each steered layer is steered: "block" (its output, after the skip
+            connection: post-block steering), "attn" or "mlp" (the attention or MLP branch
+            output, before its residual add), or a list of them, each with its own adapter
+            (["attn", "mlp"] is the paper's submodule variant). Stored as a tuple in the order
+            block, attn, mlp.
+        init: how a new adapter's down-projection D starts: "published" (Kaiming-uniform with
+            a = sqrt 5, scaled by 1e-3, as in the paper's code) or "lora" (Kaiming-uniform,
+            unscaled, as LoRA's A). U (and the biases) start at zero either way. None gives
+            "published" for rank >= 1; rank 0 has no D and takes None.
         hidden_size: width d of the model's residual stream. Leave None: it is filled in when the
             config is applied to a model, saved with the adapter, and checked on load.
         num_layers: number of decoder layers of the model; filled in and checked like
@@ -117,22 +148,48 @@ class SteerConfig:
     """
 
     rank: int = 8
-    activation: str = "identity"
-    bias: bool = True
+    activation: str | None = None
+    bias: bool = False
     scale: float = 1.0
     layers: Sequence[int] | None = None
     fuse_residual: bool = True
     dtype: torch.dtype | str | None = None
     backend: str = "auto"
+    site: str | Sequence[str] = "block"
+    init: str | None = None
     hidden_size: int | None = None
     num_layers: int | None = None
     steer_type: str = field(default=STEER_TYPE, init=False)
     format_version: int = field(default=FORMAT_VERSION, init=False)
 
     def __post_init__(self) -> None:
-        self.rank = _check_int("rank", self.rank, 1)
-        self.activation = check_activation(self.activation)
+        self.rank = _check_int("rank", self.rank, 0)
         self.bias = _check_bool("bias", self.bias)
+        if self.rank == 0:
+            if self.activation not in (None, "identity"):
+                raise ValueError(
+                    f"activation={self.activation!r} needs rank >= 1: rank 0 is a steering vector "
+                    "(out = h + s b), which has no bottleneck to apply a nonlinearity in"
+                )
+            if self.bias:
+                raise ValueError(
+                    "bias=True needs rank >= 1: rank 0 is a steering vector (out = h + s b), "
+                    "whose one parameter is the vector; it has no down/up biases"
+                )
+            if self.init is not None:
+                raise ValueError(
+                    f"init={self.init!r} needs rank >= 1: rank 0 is a steering vector, which "
+                    "starts at zero"
+                )
+            self.activation = "identity"
+        else:
+            activation = "silu" if self.activation is None else self.activation
+            self.activation = check_activation(activation)
+            init = "published" if self.init is None else self.init
+            if not isinstance(init, str) or init not in INITS:
+                raise ValueError(f"init must be one of {INITS} or None, got {self.init!r}")
+            self.init = init
+        self.site = _check_sites(self.site)
         self.scale = check_scale(self.scale)
         self.layers = _check_layers(self.layers)
         self.fuse_residual = _check_bool("fuse_residual", self.fuse_residual)
@@ -159,6 +216,7 @@ class SteerConfig:
         result = dataclasses.asdict(self)
         result["dtype"] = None if self.dtype is None else dtype_name(self.dtype)
         result["layers"] = None if self.layers is None else list(self.layers)
+        result["site"] = list(self.site)
         return result
 
     @classmethod

@@ -24,7 +24,7 @@ layer) takes the plain path, and the reason is reported.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +104,9 @@ class Family:
             branch's contribution to the residual stream (the attention output projection).
         mlp_writer: the same for the MLP branch (the MLP down projection), or None where no
             module LoRA can adapt writes it.
+        branch_ends: for a family without a fused layout, the paths of the modules whose
+            outputs are the attention and the MLP branch outputs, just before their residual
+            adds (where sites "attn" and "mlp" steer); a fused layout names them itself.
 
     In Gemma2/3 and OLMo2/3 a norm sits between the writers and the residual add (it rescales
     each channel), so there a constraint on the writers is on the directions they write before
@@ -116,6 +119,7 @@ class Family:
     spec: FusedBlockSpec | None
     attention_writer: str = "self_attn.o_proj"
     mlp_writer: str | None = "mlp.down_proj"
+    branch_ends: tuple[str, str] | None = None
 
     @property
     def module_path(self) -> str:
@@ -153,8 +157,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("olmo3", "Olmo3DecoderLayer", "olmo3", BRANCH_POST_NORM),
     Family("starcoder2", "Starcoder2DecoderLayer", "starcoder2", PRE_NORM, mlp_writer="mlp.c_proj"),
     # Plain path (no fused layout): their writers serve joint adaptation.
-    Family("gpt2", "GPT2Block", "gpt2", None, "attn.c_proj", "mlp.c_proj"),
-    Family("gpt_neox", "GPTNeoXLayer", "gpt_neox", None, "attention.dense", "mlp.dense_4h_to_h"),
+    Family("gpt2", "GPT2Block", "gpt2", None, "attn.c_proj", "mlp.c_proj", ("attn", "mlp")),
+    Family(
+        "gpt_neox",
+        "GPTNeoXLayer",
+        "gpt_neox",
+        None,
+        "attention.dense",
+        "mlp.dense_4h_to_h",
+        ("post_attention_dropout", "post_mlp_dropout"),
+    ),
 )
 
 _BY_LAYER_CLASS: dict[str, Family] = {row.layer_class: row for row in FAMILIES}
@@ -163,6 +175,23 @@ _BY_LAYER_CLASS: dict[str, Family] = {row.layer_class: row for row in FAMILIES}
 def family_for(layer: nn.Module) -> Family | None:
     """The table row of ``layer``'s class, or None if its class name is not in the table."""
     return _BY_LAYER_CLASS.get(type(layer).__name__)
+
+
+def branch_end_paths(layer: nn.Module) -> dict[str, str] | None:
+    """Site ("attn", "mlp") -> path inside ``layer`` of the module whose output is that branch's
+    output just before its residual add; None for a layer whose family the table lacks. For a
+    fused layout it is the branch's last post-module (a post-norm, a dropout) or else the
+    attention / MLP module itself."""
+    row = family_for(layer)
+    if row is None:
+        return None
+    if row.spec is not None:
+        spec = row.spec
+        return {
+            "attn": (spec.attention_post or (spec.attention,))[-1],
+            "mlp": (spec.mlp_post or (spec.mlp,))[-1],
+        }
+    return None if row.branch_ends is None else dict(zip(("attn", "mlp"), row.branch_ends))
 
 
 def residual_writer_paths(
@@ -243,13 +272,16 @@ def run_fused_block(
     spec: FusedBlockSpec,
     hidden_states: torch.Tensor,
     attention_kwargs: dict[str, Any],
+    add_attention: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``layer`` up to its final residual add: returns (mlp_branch, residual).
 
     The layer's output is ``residual + mlp_branch``; the caller computes that sum inside the
     steering kernel. hidden_states: [B, T, d]; attention_kwargs: every argument the layer was
     called with besides hidden_states (its defaults filled in), passed on to the attention
-    module exactly as the layer's own forward passes them.
+    module exactly as the layer's own forward passes them. ``add_attention(branch, residual)``,
+    when given, computes the first residual add in place of ``residual + branch`` (to steer the
+    attention branch).
     """
     residual = hidden_states
     branch = hidden_states
@@ -259,7 +291,7 @@ def run_fused_block(
     if isinstance(branch, tuple):  # (attn_output, attn_weights)
         branch = branch[0]
     branch = _apply(layer, spec.attention_post, branch)
-    hidden_states = residual + branch
+    hidden_states = residual + branch if add_attention is None else add_attention(branch, residual)
 
     branch = hidden_states
     if spec.mlp_norm is not None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import PostBlockAdapter
+from .adapter import make_steering
 from .block import PATH_FUSED, PATH_PLAIN, LayerPlan, SteeredBlock
 from .config import SteerConfig
-from .families import check_fused_layer, family_for
+from .families import branch_end_paths, check_fused_layer, family_for
 from .ops import resolve_backend
 from .shims import layer_forward_function
 from .validation import TORCH_DTYPES
@@ -193,13 +193,24 @@ def plan_steering(model: nn.Module, config: SteerConfig) -> SteeringPlan:
     for device in {_layer_device(layers[index]) for index in indices}:
         resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
 
-    plans = []
-    for index in indices:
-        layer = layers[index]
-        name = type(layer).__name__
-        if not config.fuse_residual:
-            plans.append(LayerPlan(index, name, PATH_PLAIN, "fuse_residual=False"))
-            continue
+    plans = [_plan_layer(index, layers[index], config) for index in indices]
+    filled = dataclasses.replace(config, hidden_size=hidden_size, num_layers=len(layers))
+    return SteeringPlan(filled, layers_name, tuple(plans), dtype)
+
+
+def _plan_layer(index: int, layer: nn.Module, config: SteerConfig) -> LayerPlan:
+    """The path of one layer: fused where its family's layout allows and fusing saves a residual
+    add (the block site, or a rank-0 vector at a branch site), plain otherwise."""
+    name = type(layer).__name__
+    branch_sites = [site for site in config.site if site != "block"]
+    if not config.fuse_residual:
+        spec, reason = None, "fuse_residual=False"
+    elif "block" not in config.site and config.rank > 0:
+        spec, reason = None, (
+            f"sites {branch_sites} steer branch outputs with a low-rank adapter, which reads the "
+            "branch alone: there is no residual add to fuse"
+        )
+    else:
         spec, reason = check_fused_layer(layer, layer_forward_function(layer))
         row = family_for(layer)
         if spec is None and row is not None and row.spec is not None:
@@ -207,12 +218,30 @@ def plan_steering(model: nn.Module, config: SteerConfig) -> SteeringPlan:
                 f"steer_fast: layer {index} ({name}) has a fused layout in the family table but "
                 f"takes the plain path: {reason}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        path = PATH_PLAIN if spec is None else PATH_FUSED
-        plans.append(LayerPlan(index, name, path, reason, spec))
-    filled = dataclasses.replace(config, hidden_size=hidden_size, num_layers=len(layers))
-    return SteeringPlan(filled, layers_name, tuple(plans), dtype)
+    if spec is not None:
+        return LayerPlan(index, name, PATH_FUSED, reason, spec)
+    branch_ends = {}
+    if branch_sites:
+        ends = branch_end_paths(layer)
+        if ends is None:
+            raise ValueError(
+                f"site {list(config.site)}: layer {index} ({name}) is not in the family table "
+                "(steer_fast.families), so its attention and MLP branch outputs are unknown; "
+                "only site='block' can steer it"
+            )
+        for site in branch_sites:
+            try:
+                layer.get_submodule(ends[site])
+            except AttributeError:
+                raise ValueError(
+                    f"site {site!r}: layer {index} ({name}) has no module {ends[site]!r}, the "
+                    "branch output its family's row names"
+                ) from None
+            branch_ends[site] = ends[site]
+        reason = f"{reason}; sites {branch_sites} steered by hooks on {list(branch_ends.values())}"
+    return LayerPlan(index, name, PATH_PLAIN, reason, branch_ends=branch_ends)
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
@@ -220,37 +249,31 @@ def _layer_device(layer: nn.Module) -> torch.device:
     return reference.device if reference is not None else torch.device("cpu")
 
 
-def apply_steering_plan(model: nn.Module, plan: SteeringPlan) -> dict[int, PostBlockAdapter]:
-    """Put a SteeredBlock in place of each planned layer; returns the new adapters by index.
+def apply_steering_plan(model: nn.Module, plan: SteeringPlan) -> dict[int, SteeredBlock]:
+    """Put a SteeredBlock in place of each planned layer; returns the new blocks by index.
 
     Every block is built before the first layer is replaced, so a failure leaves ``model`` as
-    it was. Adapters start as the identity (``up`` zero) on their layer's device.
+    it was. Steering modules start as the identity on their layer's device.
     """
     layers = model.get_submodule(plan.layers_name)
     config = plan.config
     blocks = {}
     for layer_plan in plan.layers:
         layer = layers[layer_plan.index]
-        adapter = PostBlockAdapter(
-            config.hidden_size,
-            config.rank,
-            activation=config.activation,
-            bias=config.bias,
-            scale=config.scale,
-            device=_layer_device(layer),
-            dtype=plan.dtype,
-            backend=config.backend,
-        )
-        blocks[layer_plan.index] = SteeredBlock(layer, adapter, layer_plan)
+        device = _layer_device(layer)
+        adapters = {site: make_steering(config, device, plan.dtype) for site in config.site}
+        blocks[layer_plan.index] = SteeredBlock(layer, adapters, layer_plan)
     for index, block in blocks.items():
         layers[index] = block
-    return {index: block.steer_adapter for index, block in blocks.items()}
+        block.attach()
+    return blocks
 
 
-def inject_steering(model: nn.Module, config: SteerConfig) -> dict[int, PostBlockAdapter]:
+def inject_steering(model: nn.Module, config: SteerConfig) -> dict[int, SteeredBlock]:
     """Steer ``model`` in place: validate, then replace the chosen decoder layers by
-    SteeredBlocks. Returns the new adapters by layer index. Parameters' requires_grad are left
-    as they are (SteerModel freezes the base model)."""
+    SteeredBlocks. Returns the new blocks by layer index (``block.adapters()`` gives their
+    steering modules by site). Parameters' requires_grad are left as they are (SteerModel
+    freezes the base model)."""
     return apply_steering_plan(model, plan_steering(model, config))
 
 
@@ -261,14 +284,16 @@ def steered_blocks(model: nn.Module) -> dict[int, SteeredBlock]:
     }
 
 
-def remove_steering(model: nn.Module) -> dict[int, PostBlockAdapter]:
-    """Put every steered layer's original module back; returns the removed adapters by index."""
+def remove_steering(model: nn.Module) -> dict[int, SteeredBlock]:
+    """Put every steered layer's original module back (and take the branch hooks off); returns
+    the removed blocks by index."""
     removed = {}
     for module in list(model.modules()):
         if not isinstance(module, nn.ModuleList):
             continue
         for position, block in enumerate(module):
             if isinstance(block, SteeredBlock):
+                block.detach()
                 module[position] = block.base_layer
-                removed[block.layer_index] = block.steer_adapter
+                removed[block.layer_index] = block
     return removed

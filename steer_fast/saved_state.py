@@ -33,10 +33,20 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig
 EXTRA_STATE_KEY = "_extra_state"  # nn.Module's key for get_extra_state()
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer saves a state_dict as
 # The SteerConfig fields a loaded state must agree on (the scale may differ: it is taken over).
-STEER_STRUCTURE = ("rank", "activation", "bias", "layers", "hidden_size", "num_layers")
+STEER_STRUCTURE = ("rank", "activation", "bias", "site", "layers", "hidden_size", "num_layers")
 
-# A steering parameter in a wrapper's state_dict: "...{index}.steer_adapter.{down,up}.{kind}".
-_STATE_DICT_KEY = re.compile(rf"(?:^|\.)(\d+)\.{ADAPTER_NAME}\.((?:down|up)\.(?:weight|bias))$")
+# A steering parameter in a wrapper's state_dict:
+# "...{index}.steer_adapter[_attn|_mlp].{down.weight, up.bias, vector, ...}".
+_STATE_DICT_KEY = re.compile(
+    rf"(?:^|\.)(\d+)\.{ADAPTER_NAME}(?:_(attn|mlp))?\.((?:down|up)\.(?:weight|bias)|vector)$"
+)
+
+
+def steering_file_key(index: int, site: str, name: str) -> str:
+    """The steer_model.safetensors key of tensor ``name`` ("down.weight", "vector", ...) of
+    layer ``index``'s steering at ``site``: "layers.{index}.{name}" at "block" (the original
+    layout), "layers.{index}.{site}.{name}" at "attn" and "mlp"."""
+    return f"layers.{index}.{name}" if site == "block" else f"layers.{index}.{site}.{name}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,14 +172,18 @@ def is_adapter_key(key: str, adapter_keys: set[str]) -> bool:
 def steering_file_shapes(config: SteerConfig) -> dict[str, tuple[int, ...]]:
     """File key -> shape of every tensor an adapter saved with ``config`` holds."""
     rank, hidden = config.rank, config.hidden_size
-    shapes = {}
-    for index in range(config.num_layers) if config.layers is None else config.layers:
-        shapes[f"layers.{index}.down.weight"] = (rank, hidden)
-        shapes[f"layers.{index}.up.weight"] = (hidden, rank)
+    if rank == 0:
+        per_site = {"vector": (hidden,)}
+    else:
+        per_site = {"down.weight": (rank, hidden), "up.weight": (hidden, rank)}
         if config.bias:
-            shapes[f"layers.{index}.down.bias"] = (rank,)
-            shapes[f"layers.{index}.up.bias"] = (hidden,)
-    return shapes
+            per_site.update({"down.bias": (rank,), "up.bias": (hidden,)})
+    return {
+        steering_file_key(index, site, name): shape
+        for index in (range(config.num_layers) if config.layers is None else config.layers)
+        for site in config.site
+        for name, shape in per_site.items()
+    }
 
 
 def check_steering_tensors(
@@ -220,7 +234,8 @@ def steering_file_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
     for key, tensor in state_dict.items():
         match = _STATE_DICT_KEY.search(key)
         if match:
-            tensors[f"layers.{match.group(1)}.{match.group(2)}"] = tensor
+            index, site, name = match.groups()
+            tensors[steering_file_key(int(index), site or "block", name)] = tensor
     return tensors
 
 

@@ -29,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapter import PostBlockAdapter
-from .saved_state import EXTRA_STATE_KEY, decode_state, encode_state, is_adapter_key
+from .adapter import Steering
+from .block import adapter_attribute
+from .saved_state import (
+    EXTRA_STATE_KEY,
+    decode_state,
+    encode_state,
+    is_adapter_key,
+    steering_file_key,
+)
 from .validation import check_scale
 
 if TYPE_CHECKING:
@@ -158,9 +165,27 @@ class SteeringWrapper(nn.Module):
 
     # --- steering --------------------------------------------------------------------------
 
-    def get_adapters(self) -> dict[int, PostBlockAdapter]:
-        """Decoder-layer index -> its PostBlockAdapter."""
-        return {index: block.steer_adapter for index, block in self._steered_blocks().items()}
+    def get_adapters(self, site: str | None = None) -> dict[int, Steering]:
+        """Decoder-layer index -> its steering module at ``site`` (a PostBlockAdapter, or a
+        SteeringVector for rank 0). ``site`` may be left out when the config has one site."""
+        sites = self.steer_config.site
+        if site is None:
+            if len(sites) != 1:
+                raise ValueError(f"site must name one of the steered sites {list(sites)}")
+            site = sites[0]
+        elif site not in sites:
+            raise ValueError(f"site must be one of the steered sites {list(sites)}, got {site!r}")
+        attribute = adapter_attribute(site)
+        return {
+            index: getattr(block, attribute) for index, block in self._steered_blocks().items()
+        }
+
+    def _all_adapters(self) -> list[tuple[int, str, Steering]]:
+        return [
+            (index, site, adapter)
+            for index, block in self._steered_blocks().items()
+            for site, adapter in block.adapters().items()
+        ]
 
     def steering_paths(self) -> dict[int, str]:
         """Decoder-layer index -> "fused" or "plain" (see ``steer_fast.block``)."""
@@ -177,7 +202,7 @@ class SteeringWrapper(nn.Module):
     def set_scale(self, scale: float) -> None:
         """Set the steering strength s of every post-block adapter (0: no steering)."""
         scale = check_scale(scale)
-        for adapter in self.get_adapters().values():
+        for _, _, adapter in self._all_adapters():
             adapter.scale = scale
         self.steer_config.scale = scale
 
@@ -287,20 +312,21 @@ class SteeringWrapper(nn.Module):
         self._load_saved_state(decode_state(state, type(self).__name__))
 
     def steering_tensors(self) -> dict[str, torch.Tensor]:
-        """Every adapter tensor on the CPU, keyed as in steer_model.safetensors
-        ("layers.{index}.{down,up}.{weight,bias}")."""
+        """Every steering tensor on the CPU, keyed as in steer_model.safetensors
+        (``steering_file_key``: "layers.{index}.{down,up}.{weight,bias}" at site "block")."""
         tensors = {}
-        for index, adapter in self.get_adapters().items():
+        for index, site, adapter in self._all_adapters():
             for name, tensor in adapter.state_dict().items():
-                tensors[f"layers.{index}.{name}"] = tensor.detach().to("cpu").contiguous()
+                key = steering_file_key(index, site, name)
+                tensors[key] = tensor.detach().to("cpu").contiguous()
         return tensors
 
     def load_steering_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors keyed as ``steering_tensors`` gives them into the adapters."""
+        """Copy tensors keyed as ``steering_tensors`` gives them into the steering modules."""
         with torch.no_grad():
-            for index, adapter in self.get_adapters().items():
+            for index, site, adapter in self._all_adapters():
                 for name, parameter in adapter.state_dict(keep_vars=True).items():
-                    parameter.copy_(tensors[f"layers.{index}.{name}"])
+                    parameter.copy_(tensors[steering_file_key(index, site, name)])
 
 
 _CANNOT_MERGE = (

@@ -31,7 +31,7 @@ INPUT_IDS = random_input_ids(2, 7)
 
 
 def config(**overrides):
-    return SteerConfig(**{"rank": 4, "backend": "torch", **overrides})
+    return SteerConfig(**{"rank": 4, "bias": True, "backend": "torch", **overrides})
 
 
 def logits(model):
@@ -367,14 +367,32 @@ def test_a_layer_with_an_instance_forward_takes_the_plain_path_and_says_so():
 def test_inject_and_remove_work_without_the_wrapper():
     base = tiny_causal_lm("mistral")
     expected = logits(base)
-    adapters = inject_steering(base, config())
-    assert sorted(adapters) == [0, 1]
+    blocks = inject_steering(base, config())
+    assert sorted(blocks) == [0, 1]
+    assert all(list(block.adapters()) == ["block"] for block in blocks.values())
     assert all(p.requires_grad for p in base.parameters())  # freezing is SteerModel's job
     removed = remove_steering(base)
-    assert removed.keys() == adapters.keys()
-    assert all(removed[i] is adapters[i] for i in adapters)
+    assert removed.keys() == blocks.keys()
+    assert all(removed[i] is blocks[i] for i in blocks)
     assert torch.equal(logits(base), expected)
 
 
 def test_steer_model_is_exported():
     assert isinstance(get_steer_model(tiny_causal_lm("llama"), config()), SteerModel)
+
+
+def test_published_defaults_on_a_llama_3_2_1b_shaped_model(capsys):
+    """The paper's budget: rank 8, no biases, after each of the 16 blocks of a 2048-wide model:
+    16 x 2 x 8 x 2048 = 524,288 trainable parameters, 0.042% (the paper's 0.04%)."""
+    llama_1b = transformers.LlamaConfig(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+    )
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        base = transformers.AutoModelForCausalLM.from_config(llama_1b)
+    base_parameters = sum(p.numel() for p in base.parameters())
+    model = get_steer_model(base, SteerConfig())
+    assert model.get_nb_trainable_parameters() == (524_288, base_parameters + 524_288)
+    model.print_trainable_parameters()
+    assert "trainable params: 524,288 ||" in capsys.readouterr().out
+    assert f"{100 * 524_288 / (base_parameters + 524_288):.3f}" == "0.042"

@@ -11,7 +11,10 @@ from steer_fast.config import FORMAT_VERSION, STEER_TYPE
 
 def test_defaults_match_the_documented_api():
     config = SteerConfig()
-    assert (config.rank, config.activation, config.bias, config.scale) == (8, "identity", True, 1.0)
+    # The published configuration: rank 8, SiLU, no biases, down-projection init scaled by 1e-3,
+    # after every decoder block.
+    assert (config.rank, config.activation, config.bias, config.scale) == (8, "silu", False, 1.0)
+    assert (config.init, config.site) == ("published", ("block",))
     assert config.layers is None and config.fuse_residual is True and config.dtype is None
     assert config.backend == "auto"
     assert config.steer_type == STEER_TYPE == "post_block"
@@ -28,12 +31,19 @@ def test_the_library_fields_are_not_arguments():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"rank": 0}, "rank"),
         ({"rank": -3}, "rank"),
         ({"rank": 2.0}, "rank"),
         ({"rank": True}, "rank"),
         ({"activation": "swish"}, "activation"),
-        ({"activation": None}, "activation"),
+        ({"activation": 3}, "activation"),
+        ({"rank": 0, "activation": "silu"}, "activation"),
+        ({"rank": 0, "bias": True}, "bias"),
+        ({"rank": 0, "init": "lora"}, "init"),
+        ({"init": "xavier"}, "init"),
+        ({"site": "residual"}, "site"),
+        ({"site": []}, "site"),
+        ({"site": ["mlp", "mlp"]}, "site"),
+        ({"site": b"mlp"}, "site"),
         ({"bias": 1}, "bias"),
         ({"scale": float("nan")}, "scale"),
         ({"scale": "1"}, "scale"),
@@ -57,6 +67,28 @@ def test_the_library_fields_are_not_arguments():
 def test_bad_values_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SteerConfig(**kwargs)
+
+
+def test_rank_zero_and_sites_are_normalised():
+    vector = SteerConfig(rank=0)
+    assert (vector.activation, vector.bias, vector.init) == ("identity", False, None)
+    assert SteerConfig(rank=0, activation="identity").activation == "identity"
+    assert SteerConfig(site="mlp").site == ("mlp",)
+    assert SteerConfig(site=["mlp", "attn"]).site == ("attn", "mlp")
+    assert SteerConfig(site=("mlp", "block")).to_dict()["site"] == ["block", "mlp"]
+    assert SteerConfig(init="lora").init == "lora"
+
+
+def test_a_format_1_file_keeps_its_meaning():
+    """Files written before sites, rank 0 and the init option: every field was saved, so the
+    new defaults do not change them."""
+    values = {
+        "activation": "identity", "backend": "auto", "bias": True, "dtype": None,
+        "format_version": 1, "fuse_residual": True, "hidden_size": 32, "layers": None,
+        "num_layers": 2, "rank": 8, "scale": 1.0, "steer_type": "post_block",
+    }
+    config = SteerConfig.from_dict(values)
+    assert (config.activation, config.bias, config.site) == ("identity", True, ("block",))
 
 
 def test_values_are_normalised():
@@ -90,7 +122,7 @@ def test_json_round_trip_has_sorted_keys_and_every_field(tmp_path):
         ({"format_version": FORMAT_VERSION + 1}, "format_version"),
         ({"format_version": "1"}, "format_version"),
         ({"lora_alpha": 16}, "unknown steer config keys"),
-        ({"rank": 0}, "rank"),
+        ({"rank": -1}, "rank"),
     ],
 )
 def test_from_dict_rejects_what_it_cannot_read(change, match):

@@ -29,7 +29,7 @@ def logits(model):
 
 
 def trained(family="llama", **overrides):
-    cfg = SteerConfig(**{"rank": 4, "backend": "torch", **overrides})
+    cfg = SteerConfig(**{"rank": 4, "bias": True, "backend": "torch", **overrides})
     model = get_steer_model(tiny_causal_lm(family), cfg)
     randomize_adapters(model.get_adapters(), seed=5)
     return model

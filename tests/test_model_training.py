@@ -24,7 +24,9 @@ from tiny_models import (
 def steered(family, **overrides):
     # Tied embeddings: a full state_dict would hold shared tensors, which safetensors refuses.
     base = tiny_causal_lm(family, tie_word_embeddings=True)
-    cfg = SteerConfig(**{"rank": 4, "activation": "silu", "backend": "torch", **overrides})
+    cfg = SteerConfig(
+        **{"rank": 4, "activation": "silu", "bias": True, "backend": "torch", **overrides}
+    )
     return get_steer_model(base, cfg)
 
 

@@ -7,6 +7,7 @@ On a machine without a GPU, backend="triton" runs the real Triton kernels under 
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -235,11 +236,14 @@ def test_new_adapter_is_identity(backend, device):
 
 
 def test_adapter_parameters_and_validation():
-    adapter = steer_fast.PostBlockAdapter(40, 8)
-    assert sum(p.numel() for p in adapter.parameters()) == 8 * (2 * 40 + 1) + 40
+    adapter = steer_fast.PostBlockAdapter(40, 8)  # the published form: no biases, SiLU
+    assert adapter.activation == "silu" and adapter.up.bias is None
+    assert sum(p.numel() for p in adapter.parameters()) == 2 * 8 * 40
     assert torch.count_nonzero(adapter.down.weight) > 0
-    no_bias = steer_fast.PostBlockAdapter(40, 8, bias=False)
-    assert sum(p.numel() for p in no_bias.parameters()) == 2 * 8 * 40
+    with_bias = steer_fast.PostBlockAdapter(40, 8, bias=True)
+    assert sum(p.numel() for p in with_bias.parameters()) == 8 * (2 * 40 + 1) + 40
+    with pytest.raises(ValueError, match="init"):
+        steer_fast.PostBlockAdapter(40, 4, init="xavier")
     with pytest.raises(ValueError, match="rank"):
         steer_fast.PostBlockAdapter(40, 0)
     with pytest.raises(ValueError, match="hidden_size"):
@@ -250,6 +254,21 @@ def test_adapter_parameters_and_validation():
         steer_fast.PostBlockAdapter(40, 4, scale=float("nan"))
     with pytest.raises(ValueError, match="backend"):
         steer_fast.PostBlockAdapter(40, 4, backend="cuda")
+
+
+def test_default_init_is_the_published_one():
+    """down: Kaiming-uniform (a = sqrt 5) times 1e-3, bound 1e-3 / sqrt(d); up: zero. "lora"
+    leaves the Kaiming-uniform unscaled."""
+    torch.manual_seed(0)
+    hidden_size = 512
+    bound = 1.0 / math.sqrt(hidden_size)  # kaiming_uniform_ with a = sqrt(5)
+    published = steer_fast.PostBlockAdapter(hidden_size, 64).down.weight.detach()
+    assert published.abs().max() <= 1e-3 * bound
+    # Uniform on [-b, b]: mean |w| = b / 2, so the scale is 1e-3 and not another power of ten.
+    assert published.abs().mean() == pytest.approx(1e-3 * bound / 2, rel=0.02)
+    lora = steer_fast.PostBlockAdapter(hidden_size, 64, init="lora").down.weight.detach()
+    assert lora.abs().max() <= bound and lora.abs().mean() == pytest.approx(bound / 2, rel=0.02)
+    assert torch.count_nonzero(steer_fast.PostBlockAdapter(hidden_size, 64).up.weight) == 0
 
 
 def test_backward_keeps_no_extra_token_by_hidden_tensor(device):
