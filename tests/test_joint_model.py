@@ -11,7 +11,6 @@ from peft import LoraConfig
 
 import steer_fast.families
 import steer_fast.ops
-import steer_fast.orthogonality
 from steer_fast import (
     JointModel,
     OrthogonalityConfig,
@@ -39,7 +38,11 @@ def lora(**overrides):
 
 
 def steer(**overrides):
-    return SteerConfig(**{"rank": 4, "activation": "silu", "backend": "torch", **overrides})
+    settings = {"rank": 4, "activation": "silu", "bias": True, "backend": "torch"}
+    return SteerConfig(**{**settings, **overrides})
+
+
+UP = OrthogonalityConfig(constraint="up_projection")
 
 
 def joint(family="llama", lora_config=None, orthogonality=None, **steer_overrides):
@@ -115,87 +118,67 @@ def test_both_parts_are_on_the_model_and_only_they_train(capsys):
         model.no_such_attribute  # noqa: B018
 
 
-def test_constrained_modules_are_the_residual_writers_lora_adapts():
+def test_constrained_modules_follow_the_constraint():
+    # The default, the down-projection constraint: the MLP writer's LoRA B.
     model = joint()
+    assert model.constrained_modules() == {
+        index: [f"model.layers.{index}.mlp.down_proj"] for index in range(NUM_LAYERS)
+    }
+    report = model.orthogonality_report().splitlines()
+    assert report[0] == "orthogonality: constraint='down_projection', frequency=100"
+    assert report[1] == (
+        "layer 0: D 4x32 projected off span(B) of model.layers.0.mlp.down_proj (B 32x4)"
+    )
+    # The up-projection constraint: the residual writers LoRA adapts.
+    model = joint(orthogonality=UP)
     assert model.constrained_modules() == {
         index: [f"model.layers.{index}.self_attn.o_proj", f"model.layers.{index}.mlp.down_proj"]
         for index in range(NUM_LAYERS)
     }
     report = model.orthogonality_report()
+    assert report.startswith("orthogonality: constraint='up_projection', mode='penalty'")
     assert "layer 0: U 32x4 against model.layers.0.self_attn.o_proj (B 32x4)" in report
+    # No constraint: nothing constrained, both measures still there.
+    model = joint(orthogonality=OrthogonalityConfig(constraint="none"))
+    assert model.constrained_modules() == {0: [], 1: []}
+    assert "constraint='none'" in model.orthogonality_report()
+    randomize(model)
+    assert model.orthogonality_loss().item() > 0 and model.down_projection_overlap().item() > 0
 
 
-def test_lora_on_q_and_v_only_makes_the_constraint_vacuous():
+@pytest.mark.parametrize("orthogonality", [None, UP])
+def test_lora_on_q_and_v_only_makes_the_constraint_vacuous(orthogonality):
     with pytest.warns(RuntimeWarning, match="vacuous"):
-        model = joint(lora_config=lora(target_modules=["q_proj", "v_proj"]))
+        model = joint(
+            lora_config=lora(target_modules=["q_proj", "v_proj"]), orthogonality=orthogonality
+        )
     randomize(model)
     assert model.constrained_modules() == {0: [], 1: []}
     assert model.orthogonality_loss().item() == 0
+    assert model.down_projection_overlap().item() == 0
     assert "the constraint is vacuous" in model.orthogonality_report()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # mode "none" uses no constraint: no warning
-        joint(
-            lora_config=lora(target_modules=["q_proj", "v_proj"]),
-            orthogonality=OrthogonalityConfig(mode="none"),
-        )
+    before = {name: p.clone() for name, p in model.steering_named_parameters()}
+    model.apply_orthogonality()
+    for name, parameter in model.steering_named_parameters():
+        assert torch.equal(parameter, before[name]), name
+    for unused in (OrthogonalityConfig(mode="none"), OrthogonalityConfig(constraint="none")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # no constraint used: no warning
+            joint(lora_config=lora(target_modules=["q_proj", "v_proj"]), orthogonality=unused)
 
 
-def test_residual_modules_override_the_table():
+def test_residual_modules_and_modules_override_the_table():
     model = joint(
         lora_config=lora(target_modules=["o_proj", "down_proj"]),
         orthogonality=OrthogonalityConfig(residual_modules=["mlp.down_proj"]),
     )
+    assert model.orthogonality.constraint == "up_projection"  # what residual_modules meant
     assert model.constrained_modules()[1] == ["model.layers.1.mlp.down_proj"]
-
-
-def test_penalty_on_a_model_is_differentiable_and_reaches_both_parts():
-    model = joint(layers=[1])
-    assert model.orthogonality_loss().item() == 0  # zero initialisations
-    randomize(model)
-    penalty = model.orthogonality_loss()
-    assert penalty.dtype == torch.float32 and penalty.dim() == 0 and penalty.item() > 0
-    adapter = model.get_adapters()[1]
-    layer = model.get_base_model().model.layers[1].base_layer
-    bs = [
-        layer.self_attn.o_proj.lora_B["default"].weight,
-        layer.mlp.down_proj.lora_B["default"].weight,
+    model = joint(orthogonality=OrthogonalityConfig(modules=["self_attn.o_proj", "mlp.down_proj"]))
+    assert model.constrained_modules()[1] == [
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
     ]
-    torch.testing.assert_close(
-        penalty, steer_fast.orthogonality.layer_penalty(adapter.up.weight, bs, 1e-3)
-    )
-    penalty.backward()
-    assert adapter.up.weight.grad.abs().sum() > 0
-    assert all(b.grad.abs().sum() > 0 for b in bs)
-    # Only U and the residual writers' B take part.
-    assert adapter.down.weight.grad is None
-    assert layer.self_attn.q_proj.lora_B["default"].weight.grad is None
-    assert layer.self_attn.o_proj.lora_A["default"].weight.grad is None
-
-
-def test_orthogonality_term_follows_the_mode():
-    for mode, weight in (("penalty", 0.5), ("project", 0.5), ("none", 0.5), ("penalty", 0.0)):
-        model = joint(orthogonality=OrthogonalityConfig(mode=mode, weight=weight))
-        randomize(model)
-        term = model.orthogonality_term()
-        if mode == "penalty":
-            torch.testing.assert_close(term, weight * model.orthogonality_loss())
-        else:
-            assert term.item() == 0 and not term.requires_grad
-
-
-def test_apply_orthogonality_projects_only_in_mode_project():
-    for mode in ("penalty", "none", "project"):
-        model = joint(orthogonality=OrthogonalityConfig(mode=mode))
-        randomize(model)
-        before = model.orthogonality_loss().item()
-        up = model.get_adapters()[0].up.weight
-        model.apply_orthogonality()
-        after = model.orthogonality_loss().item()
-        if mode == "project":
-            assert before > 0.1 and after < 1e-10
-            assert model.get_adapters()[0].up.weight is up  # in place: optimizer state stays valid
-        else:
-            assert after == before
 
 
 # The family table by layer class.
@@ -212,7 +195,7 @@ def test_residual_writer_table_covers_the_families(family):
     layer_class = type(decoder_layers(tiny_causal_lm(family), family)[0]).__name__
     paths = FAMILY_ROWS[layer_class].residual_writers
     targets = RESIDUAL_LEAVES.get(family, [path.rsplit(".", 1)[1] for path in paths])
-    model = joint(family, lora_config=lora(target_modules=targets))
+    model = joint(family, lora_config=lora(target_modules=targets), orthogonality=UP)
     layers_name = model.layers_name
     assert model.constrained_modules() == {
         index: [f"{layers_name}.{index}.{path}" for path in paths] for index in range(NUM_LAYERS)
@@ -224,6 +207,16 @@ def test_residual_writer_table_covers_the_families(family):
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    # The default constraint takes the row's MLP writer.
+    mlp_writer = FAMILY_ROWS[layer_class].mlp_writer
+    model = joint(family, lora_config=lora(target_modules=targets))
+    assert model.constrained_modules() == {
+        index: [f"{layers_name}.{index}.{mlp_writer}"] for index in range(NUM_LAYERS)
+    }
+    randomize(model, seed=1)
+    assert model.down_projection_overlap().item() > 0
+    model.apply_orthogonality()
+    assert model.down_projection_overlap().item() < 1e-10
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gpt2", "gpt_neox"])
@@ -250,11 +243,24 @@ def residual(paths):
     return OrthogonalityConfig(residual_modules=paths)
 
 
+def modules(paths):
+    return OrthogonalityConfig(modules=paths)
+
+
+def _with(**changes):
+    """A default config with fields changed after construction (checked again on use)."""
+    config = OrthogonalityConfig()
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
 def _bad_inputs():
     orthogonality_weight = OrthogonalityConfig()
     orthogonality_weight.weight = -1.0  # changed after construction: checked again
-    orthogonality_mode = OrthogonalityConfig()
+    orthogonality_mode = OrthogonalityConfig(mode="penalty")
     orthogonality_mode.mode = "soft"
+    orthogonality_frequency = _with(frequency=0)
     inference = lora()
     inference.inference_mode = True
     return [
@@ -270,11 +276,23 @@ def _bad_inputs():
         ("inference_mode", {"lora_config": inference}),
         ("weight", {"orthogonality": orthogonality_weight}),
         ("mode", {"orthogonality": orthogonality_mode}),
+        ("frequency must be", {"orthogonality": orthogonality_frequency}),
+        ("mode configures the up_projection", {"orthogonality": _with(mode="project")}),
         ("OrthogonalityConfig", {"orthogonality": "penalty"}),
         ("out of range", {"steer_config": steer(layers=[7])}),
         ("SteerConfig", {"steer_config": {"rank": 4}}),
         ("writes 64 features", {"orthogonality": residual(["mlp.up_proj"])}),
         ("names no module", {"orthogonality": residual(["mlp.w2"])}),
+        ("orthogonality.modules must name", {"orthogonality": modules(["mlp.up_proj"])}),
+        ("modules .* names no module", {"orthogonality": modules(["mlp.w2"])}),
+        # Found once PEFT has adapted the model: put back as it was all the same.
+        (
+            r"orthogonality.modules names \['self_attn.o_proj'\], which LoRA adapts in no",
+            {
+                "orthogonality": modules(["self_attn.o_proj", "mlp.down_proj"]),
+                "lora_config": lora(target_modules=["q_proj", "down_proj"]),
+            },
+        ),
         # PEFT itself raises after it has adapted q_proj: put back as it was all the same.
         ("not supported", {"lora_config": lora(target_modules=["q_proj", "input_layernorm"])}),
     ]
@@ -292,13 +310,15 @@ def test_bad_input_raises_and_leaves_the_model_untouched(match, arguments):
     assert not hasattr(base, "peft_config")
 
 
-def test_unknown_family_needs_residual_modules(monkeypatch):
+def test_unknown_family_needs_residual_modules_or_modules(monkeypatch):
     monkeypatch.delitem(steer_fast.families._BY_LAYER_CLASS, "LlamaDecoderLayer")
     base = tiny_causal_lm("llama")
     before = fingerprint(base)
-    with pytest.raises(ValueError, match="residual_modules"):
-        get_joint_model(base, steer(), lora())
-    assert_untouched(base, before)
+    cases = ((None, "OrthogonalityConfig\\(modules="), (UP, "residual_modules"))
+    for orthogonality, field in cases:
+        with pytest.raises(ValueError, match=field):
+            get_joint_model(base, steer(), lora(), orthogonality)
+        assert_untouched(base, before)
     with pytest.warns(UserWarning, match="reported as 0"):
         model = get_joint_model(base, steer(), lora(), OrthogonalityConfig(mode="none"))
     assert model.constrained_modules() == {0: [], 1: []}
@@ -309,6 +329,25 @@ def test_unknown_family_needs_residual_modules(monkeypatch):
         OrthogonalityConfig(residual_modules=["self_attn.o_proj", "mlp.down_proj"]),
     )
     assert len(named.constrained_modules()[0]) == 2
+    named = get_joint_model(
+        tiny_causal_lm("llama"), steer(), lora(), OrthogonalityConfig(modules=["mlp.down_proj"])
+    )
+    assert named.constrained_modules()[0] == ["model.layers.0.mlp.down_proj"]
+    assert named.orthogonality_loss().item() == 0  # P's residual writers are unknown here
+
+
+def test_mixtral_needs_modules_for_the_down_projection():
+    """Mixtral's row has no MLP writer (its experts are fused 3-D parameters)."""
+    base = tiny_causal_lm("mixtral")
+    before = fingerprint(base)
+    lora_config = lora(target_modules=["q_proj", "o_proj"])
+    with pytest.raises(ValueError, match=r"no MLP writer .* OrthogonalityConfig\(modules="):
+        get_joint_model(base, steer(), lora_config)
+    assert_untouched(base, before)
+    model = get_joint_model(base, steer(), lora_config, modules(["self_attn.o_proj"]))
+    assert model.constrained_modules() == {
+        index: [f"model.layers.{index}.self_attn.o_proj"] for index in range(NUM_LAYERS)
+    }
 
 
 def test_models_that_already_have_adapters_are_refused():

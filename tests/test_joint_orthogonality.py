@@ -1,10 +1,18 @@
-"""The orthogonality penalty and projection on constructed matrices, and OrthogonalityConfig."""
+"""The orthogonality measures and projections on constructed matrices, and
+OrthogonalityConfig: its fields, the constraint a config means, and its checks."""
 
 import pytest
 import torch
 
 from steer_fast import OrthogonalityConfig
-from steer_fast.orthogonality import layer_penalty, normalize_columns, project_out
+from steer_fast.orthogonality import (
+    column_space_bases,
+    down_projection_overlaps,
+    layer_penalty,
+    normalize_columns,
+    project_down,
+    project_out,
+)
 
 D = 16
 
@@ -138,6 +146,68 @@ def test_projection_drops_directions_below_the_rank_tolerance():
     torch.testing.assert_close(up, q[:, 1:3], rtol=0, atol=1e-5)  # q1 is not B's direction
 
 
+def _down_and_update(seed=7, rank=3, columns=4):
+    generator = torch.Generator().manual_seed(seed)
+    down = torch.randn(rank, D, generator=generator)
+    update = torch.randn(D, columns, generator=generator)
+    return down, update
+
+
+def test_column_space_bases_are_orthonormal_bases_of_span_b():
+    _, update = _down_and_update()
+    rank_two = update[:, :2] @ torch.randn(2, 3, generator=torch.Generator().manual_seed(8))
+    bases = column_space_bases([update, rank_two, torch.zeros(D, 2)], rank_tolerance=1e-6)
+    full, two, zero = bases
+    torch.testing.assert_close(full.T @ full, torch.eye(4), rtol=0, atol=1e-5)
+    # The projector V V^T reproduces B: span(V) = span(B).
+    torch.testing.assert_close(full @ (full.T @ update), update, rtol=0, atol=1e-4)
+    kept = two.norm(dim=0) > 0.5
+    assert kept.tolist() == [True, True, False]  # rank 2: the third direction is dropped
+    torch.testing.assert_close(two @ (two.T @ rank_two), rank_two, rtol=0, atol=1e-4)
+    assert torch.equal(zero, torch.zeros(D, 2))  # span {0}: nothing to project
+    # Batched (same shapes) and one by one agree.
+    alone = column_space_bases([update], rank_tolerance=1e-6)[0]
+    torch.testing.assert_close(alone @ alone.T, full @ full.T, rtol=0, atol=1e-5)
+
+
+def test_down_projection_removes_span_b_from_the_rows_and_keeps_the_rest():
+    down, update = _down_and_update()
+    (basis,) = column_space_bases([update], rank_tolerance=1e-6)
+    (overlap,) = down_projection_overlaps([down], [basis])
+    torch.testing.assert_close(overlap, (down @ basis).pow(2).sum())
+    assert overlap.item() > 0.1
+    complement = torch.eye(D) - basis @ basis.T
+    before = down.clone()
+    parameter = torch.nn.Parameter(down)
+    storage = parameter.data_ptr()
+    project_down([parameter], [basis])
+    assert parameter.data_ptr() == storage  # in place
+    # Nothing left along span(B), relative to the weight's size.
+    assert (parameter @ basis).norm() <= 1e-6 * parameter.norm()
+    assert (parameter @ update).norm() <= 1e-6 * parameter.norm() * update.norm()
+    remaining = down_projection_overlaps([parameter], [basis])[0].item()
+    assert remaining <= 1e-12 * parameter.norm().item() ** 2
+    # The component orthogonal to span(B) is unchanged; the change lies in span(B).
+    torch.testing.assert_close(parameter @ complement, before @ complement, rtol=0, atol=1e-6)
+    change = (parameter - before).detach()
+    torch.testing.assert_close(change @ complement, torch.zeros_like(change), rtol=0, atol=1e-6)
+    torch.testing.assert_close(parameter.detach(), before - before @ basis @ basis.T)
+
+
+def test_down_projection_of_a_zero_b_changes_nothing_and_keeps_bf16():
+    down, _ = _down_and_update()
+    expected = down.clone()
+    bases = column_space_bases([torch.zeros(D, 4)], rank_tolerance=1e-6)
+    project_down([down], bases)
+    assert torch.equal(down, expected)
+    low = down.bfloat16()
+    _, update = _down_and_update(seed=9)
+    project_down([low], column_space_bases([update], rank_tolerance=1e-6))
+    assert low.dtype == torch.bfloat16
+    # bf16 rounding of the result, not more.
+    assert (low.float() @ update).norm() <= 1e-2 * low.float().norm() * update.norm()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -146,13 +216,31 @@ def test_projection_drops_directions_below_the_rank_tolerance():
         ({"weight": float("inf")}, "weight"),
         ({"weight": "1"}, "weight"),
         ({"mode": "soft"}, "mode"),
-        ({"mode": None}, "mode"),
+        ({"mode": 1}, "mode"),
         ({"eps": 0.0}, "eps"),
         ({"rank_tolerance": -1.0}, "rank_tolerance"),
         ({"residual_modules": "o_proj"}, "residual_modules"),
         ({"residual_modules": []}, "residual_modules"),
         ({"residual_modules": ["o_proj", "o_proj"]}, "residual_modules"),
         ({"residual_modules": ["self_attn..o_proj"]}, "residual_modules"),
+        ({"constraint": "orthogonal"}, "constraint"),
+        ({"constraint": 1}, "constraint"),
+        ({"frequency": 0}, "frequency"),
+        ({"frequency": -2}, "frequency"),
+        ({"frequency": True}, "frequency"),
+        ({"frequency": 2.0}, "frequency"),
+        ({"frequency": "10"}, "frequency"),
+        ({"frequency": "steps"}, "frequency"),
+        ({"modules": "mlp.down_proj"}, "modules"),
+        ({"modules": []}, "modules"),
+        ({"modules": ["mlp..down_proj"]}, "modules"),
+        # A field of another constraint than the one named (or meant).
+        ({"constraint": "down_projection", "mode": "project"}, "mode configures the up_proj"),
+        ({"constraint": "down_projection", "weight": 0.1}, "weight configures the up_proj"),
+        ({"constraint": "none", "weight": 0.1}, "weight configures"),
+        ({"constraint": "up_projection", "frequency": 2}, "frequency configures the down_proj"),
+        ({"constraint": "none", "frequency": "step"}, "frequency configures"),
+        ({"weight": 0.1, "frequency": 2}, r"frequency .* \(weight given\)"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -160,9 +248,48 @@ def test_config_rejects_bad_values(kwargs, match):
         OrthogonalityConfig(**kwargs)
 
 
+def test_the_default_is_the_published_down_projection_every_100_steps():
+    config = OrthogonalityConfig()
+    assert (config.constraint, config.frequency) == ("down_projection", 100)
+    assert config.modules is None and config.residual_modules is None
+    assert config.mode is None and config.weight is None and config.enforced
+    assert OrthogonalityConfig(frequency=5).frequency == 5
+    assert OrthogonalityConfig(modules=["mlp.down_proj"]).modules == ("mlp.down_proj",)
+
+
+@pytest.mark.parametrize(
+    "kwargs, mode, weight",
+    [
+        ({"weight": 0.5, "mode": "penalty"}, "penalty", 0.5),
+        ({"weight": 0.5}, "penalty", 0.5),
+        ({"mode": "project"}, "project", 0.1),
+        ({"mode": "none"}, "none", 0.1),
+        ({"residual_modules": ["mlp.down_proj"]}, "penalty", 0.1),
+        ({"eps": 1e-4}, "penalty", 0.1),
+        ({"constraint": "up_projection"}, "penalty", 0.1),
+    ],
+)
+def test_configs_that_set_up_projection_fields_keep_their_meaning(kwargs, mode, weight):
+    """Written before ``constraint`` existed, these meant the up-projection constraint."""
+    config = OrthogonalityConfig(**kwargs)
+    assert config.constraint == "up_projection"
+    assert (config.mode, config.weight, config.frequency) == (mode, weight, None)
+    assert config.enforced == (mode != "none")
+
+
 def test_config_round_trips_through_a_dict():
+    for config in (
+        OrthogonalityConfig(weight=1, mode="project", residual_modules=["attn.c_proj"]),
+        OrthogonalityConfig(frequency=3, modules=["mlp.c_proj"], rank_tolerance=1e-5),
+        OrthogonalityConfig(constraint="none"),
+    ):
+        assert OrthogonalityConfig.from_dict(config.to_dict()) == config
     config = OrthogonalityConfig(weight=1, mode="project", residual_modules=["attn.c_proj"])
     assert config.weight == 1.0 and config.residual_modules == ("attn.c_proj",)
-    assert OrthogonalityConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown orthogonality config keys"):
         OrthogonalityConfig.from_dict({**config.to_dict(), "strength": 2})
+    # A dict written before "constraint" existed: the up-projection constraint.
+    old = {"weight": 0.1, "mode": "penalty", "eps": 1e-3, "rank_tolerance": 1e-6}
+    assert OrthogonalityConfig.from_dict({**old, "residual_modules": None}).constraint == (
+        "up_projection"
+    )

@@ -32,7 +32,8 @@ def lora(**overrides):
 
 
 def trained(family="llama", lora_config=None, orthogonality=None, **steer_overrides):
-    steer = SteerConfig(**{"rank": 4, "activation": "silu", "backend": "torch", **steer_overrides})
+    settings = {"rank": 4, "activation": "silu", "bias": True, "backend": "torch"}
+    steer = SteerConfig(**{**settings, **steer_overrides})
     model = get_joint_model(tiny_causal_lm(family), steer, lora_config or lora(), orthogonality)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():

@@ -21,7 +21,7 @@ def build(mode="penalty", weight=0.1, seed=0, family="llama"):
     torch.manual_seed(seed)  # LoRA A's initialisation
     return get_joint_model(
         tiny_causal_lm(family),
-        SteerConfig(rank=4, activation="silu", backend="torch"),
+        SteerConfig(rank=4, activation="silu", bias=True, backend="torch"),
         peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS),
         OrthogonalityConfig(weight=weight, mode=mode),
     )
@@ -117,6 +117,7 @@ def test_trainer_checkpoints_hold_both_parts_and_resume(tmp_path):
     for entry in logs:
         assert entry["steer_learning_rate"] == 4e-2 and entry["learning_rate"] == 1e-2
         assert entry["orthogonality_penalty"] >= 0
+        assert entry["down_projection_overlap"] >= 0  # measured, not constrained, here
         expected = entry["task_loss"] + 0.1 * entry["orthogonality_penalty"]
         assert math.isclose(entry["loss"], expected, rel_tol=0, abs_tol=1e-4)
     assert logs[-1]["orthogonality_penalty"] > 0
@@ -127,6 +128,8 @@ def test_trainer_checkpoints_hold_both_parts_and_resume(tmp_path):
         keys = set(handle.keys())
         state = json.loads(bytes(handle.get_tensor("_extra_state").tolist()))
     assert keys == {"_extra_state", *final}
+    assert state["format_version"] == 2
+    assert state["orthogonality"]["constraint"] == "up_projection"
     assert state["orthogonality"]["weight"] == 0.1
     assert state["steer_config"] == uninterrupted.steer_config.to_dict()
 

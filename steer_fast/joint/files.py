@@ -7,6 +7,11 @@
 - steer_config.json, steer_model.safetensors: the steering part, as ``SteerModel`` writes it;
 - joint_config.json: the joint type, its format version and the orthogonality settings.
 
+Format versions of joint_config.json and of the "_extra_state": 1 held an orthogonality config
+without "constraint" (steer_fast's up-projection constraint was the only one), read as
+``constraint="up_projection"``; 2 holds every field of ``OrthogonalityConfig``, the constraint
+included.
+
 A Trainer checkpoint of a JointModel is model.safetensors holding its state_dict, with the three
 configs in the "_extra_state" JSON. What both forms share with SteerModel's is read by
 ``steer_fast.saved_state``.
@@ -42,7 +47,8 @@ if TYPE_CHECKING:
 
 JOINT_CONFIG_NAME = "joint_config.json"
 JOINT_TYPE = "lora+post_block"
-JOINT_FORMAT_VERSION = 1
+# 2: the orthogonality config names its constraint (format 1: the up-projection constraint).
+JOINT_FORMAT_VERSION = 2
 # PEFT's file names (written by PeftConfig.save_pretrained and PeftModel.save_pretrained).
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -108,9 +114,7 @@ def lora_config_dict(config: LoraConfig) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), default=_json_ready, sort_keys=True))
 
 
-def lora_differences(
-    saved: dict[str, Any], current: LoraConfig
-) -> dict[str, tuple[Any, Any]]:
+def lora_differences(saved: dict[str, Any], current: LoraConfig) -> dict[str, tuple[Any, Any]]:
     """Field -> (saved, current) for every LoRA setting in LORA_STRUCTURE that differs."""
     current_values = lora_config_dict(current)
     return {
@@ -144,6 +148,15 @@ def check_joint_values(values: dict[str, Any], source: str) -> dict[str, Any]:
         raise ValueError(f"{source} is not a {JOINT_TYPE} joint state")
     check_format_version(values.get("format_version"), JOINT_FORMAT_VERSION, source)
     return values
+
+
+def read_orthogonality(values: dict[str, Any]) -> OrthogonalityConfig:
+    """The orthogonality config of checked joint values, with the meaning of their format
+    version: format 1 knew one constraint, the up-projection one."""
+    saved = values.get("orthogonality")
+    if values["format_version"] == 1 and isinstance(saved, dict):
+        saved = {"constraint": "up_projection", **saved}
+    return OrthogonalityConfig.from_dict(saved)
 
 
 def peft_config_to_save(
@@ -212,7 +225,7 @@ def _read_joint_directory(directory: Path) -> SavedJoint:
         raise ValueError(f"{directory} is a joint adapter directory without {missing}")
     joint_file = directory / JOINT_CONFIG_NAME
     joint = check_joint_values(read_json_object(joint_file), str(joint_file))
-    orthogonality = OrthogonalityConfig.from_dict(joint.get("orthogonality"))
+    orthogonality = read_orthogonality(joint)
     steer_config, steering_tensors = read_steering_files(directory)
     lora_config = read_lora_config(directory)
     lora_tensors = read_tensors(directory / PEFT_WEIGHTS_NAME)
@@ -247,7 +260,7 @@ def read_saved_joint(directory: Path) -> SavedJoint:
     return SavedJoint(
         SteerConfig.from_dict(state["steer_config"]),
         read_lora_config(state["lora_config"]),
-        OrthogonalityConfig.from_dict(state["orthogonality"]),
+        read_orthogonality(state),
         directory,
         state_dict=state_dict,
     )

@@ -9,19 +9,21 @@ transformers model, in this order:
    h -> h + s * (U phi(D h + b_d) + b_u).
 
 Both train; the base model stays frozen. ``steer_fast.orthogonality`` defines the constraint
-that keeps them from writing the same directions into the residual stream,
+that keeps them apart. The default is the paper's: at the start of optimizer steps (every step,
+every N steps, each epoch or once), each layer's adapter down-projection D_l is projected off
+the column space of the LoRA B of the layer's MLP down projection,
 
-    P = sum_l || hat(U_l)^T hat(B_l) ||_F^2
+    D_l <- D_l (I - V_l V_l^T),      V_l an orthonormal basis of span(B_l),
 
-(U_l: layer l's steering up-projection; B_l: the LoRA B matrices of layer l's modules that write
-into the residual stream, side by side; hat: columns scaled to unit length), applied as a
-penalty in the loss (mode "penalty"), as a projection of U_l onto the orthogonal complement of
-span(B_l) after each optimizer step (mode "project"), or not at all (mode "none").
+so that the adapter reads nothing the weight update writes. steer_fast's own alternative
+(``constraint="up_projection"``) keeps the adapter's up-projection U_l away from the B of the
+layer's residual writers, by a penalty P = sum_l || hat(U_l)^T hat(B_l) ||_F^2 in the loss or by
+a projection after each optimizer step.
 
-``steer_fast.joint.trainer.JointTrainer`` is a transformers Trainer that adds the penalty, logs
-it, projects, and gives the two parts their own learning rates. ``JointModel.save_pretrained``
-writes PEFT's adapter files, steer_fast's steering files and a joint config into one folder
-(``steer_fast.joint.files``).
+``steer_fast.joint.trainer.JointTrainer`` is a transformers Trainer that applies the constraint
+at its frequency (or adds the penalty), logs both measures, and gives the two parts their own
+learning rates. ``JointModel.save_pretrained`` writes PEFT's adapter files, steer_fast's steering
+files and a joint config into one folder (``steer_fast.joint.files``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,28 @@ from .files import (
 )
 from .plan import ModelSnapshot, plan_joint
 
+INFERENCE_MODES: tuple[str, ...] = ("lora_only", "adapter_only", "all")
+
+
+class InferenceMode:
+    """The result of ``JointModel.set_inference_mode``: the switch has happened when it is
+    returned; used as a context manager, it puts the previous state of both parts back on exit
+    (like ``enable_adapters()`` / ``disable_adapters()``)."""
+
+    def __init__(self, model: JointModel, mode: str) -> None:
+        if not isinstance(mode, str) or mode not in INFERENCE_MODES:
+            raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
+        self.mode = mode
+        self._model = model
+        self._previous = model._adapter_layer_state()
+        model._set_parts(steering=mode != "lora_only", lora=mode != "adapter_only")
+
+    def __enter__(self) -> InferenceMode:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._model._restore_adapter_layer_state(self._previous)
+
 
 class JointModel(SteeringWrapper):
     """A transformers model with PEFT LoRA and post-block steering, trained together.
@@ -77,7 +101,8 @@ class JointModel(SteeringWrapper):
     labels and all, ``generate``, and any attribute JointModel does not have). The trainable
     parameters are those PEFT makes trainable (the LoRA part) and the steering adapters; the
     base model is frozen. PEFT's switches (``disable_adapter()``, ``disable_adapter_layers()``,
-    ...) act on both parts; ``disable_steering()`` on the steering part alone.
+    ...) act on both parts; ``disable_steering()`` on the steering part alone;
+    ``set_inference_mode("lora_only" | "adapter_only" | "all")`` picks the parts that run.
 
     ``state_dict()`` holds both adapters and the configs (under "_extra_state"), not the base
     weights, so that a transformers Trainer checkpoint of a JointModel is an adapter checkpoint
@@ -88,7 +113,8 @@ class JointModel(SteeringWrapper):
             back as it was).
         steer_config: the steering to apply.
         lora_config: the LoRA to apply (a ``peft.LoraConfig``; not modified).
-        orthogonality: the constraint between the two (default ``OrthogonalityConfig()``).
+        orthogonality: the constraint between the two (default ``OrthogonalityConfig()``: the
+            down-projection constraint on the MLP down projection's LoRA B, every step).
 
     Raises:
         ValueError: for bad input (see ``plan_joint``; PEFT's own errors for a LoRA config that
@@ -204,25 +230,46 @@ class JointModel(SteeringWrapper):
         return self._steering_state(), peft_adapter_layers_enabled(self.get_base_model())
 
     def _set_adapter_layers(self, enabled: bool) -> None:
-        self._set_steering(enabled)
+        self._set_parts(steering=enabled, lora=enabled)
+
+    def _set_parts(self, steering: bool, lora: bool) -> None:
+        self._set_steering(steering)
+        self._set_lora(lora)
+
+    def _set_lora(self, enabled: bool) -> None:
         tuner = self.peft_model.base_model
         tuner.enable_adapter_layers() if enabled else tuner.disable_adapter_layers()
 
     def _restore_adapter_layer_state(self, state: Any) -> None:
         steering, lora_enabled = state
         self._restore_steering(steering)
-        tuner = self.peft_model.base_model
-        tuner.enable_adapter_layers() if lora_enabled else tuner.disable_adapter_layers()
+        self._set_lora(lora_enabled)
+
+    # --- which parts run ------------------------------------------------------------------
+
+    def set_inference_mode(self, mode: str) -> InferenceMode:
+        """Run with "lora_only" (steering off), "adapter_only" (LoRA off) or "all" (both on).
+
+        The switch happens at once; used as a context manager (``with
+        model.set_inference_mode("lora_only"): ...``) it puts the previous state back on exit.
+
+        Raises:
+            ValueError: for another mode (nothing is switched).
+        """
+        return InferenceMode(self, mode)
 
     # --- the constraint --------------------------------------------------------------------
 
     def constrained_modules(self) -> dict[int, list[str]]:
-        """Steered-layer index -> the LoRA-adapted modules whose B matrices enter its penalty
-        (paths in the model without steering). An empty list: the constraint is vacuous there."""
+        """Steered-layer index -> the LoRA-adapted modules whose B matrices enter the active
+        constraint (paths in the model without steering): ``modules`` (default the MLP writer)
+        for "down_projection", the residual writers for "up_projection", none for "none". An
+        empty list under a constraint: it is vacuous in that layer."""
         return self.constraint.modules()
 
     def orthogonality_report(self) -> str:
-        """One line per steered layer: the shapes that enter its penalty term, or why none."""
+        """The active constraint's settings, then one line per steered layer: the shapes that
+        enter it, or why none."""
         return self.constraint.report()
 
     def _device(self) -> torch.device:
@@ -230,24 +277,44 @@ class JointModel(SteeringWrapper):
         return reference.device if reference is not None else torch.device("cpu")
 
     def orthogonality_loss(self) -> torch.Tensor:
-        """P = sum_l || hat(U_l)^T hat(B_l) ||_F^2 (``steer_fast.orthogonality``), unweighted, in
-        fp32, on the model's device; differentiable with respect to every U_l and B. Computed in
-        every mode (mode "none" reports it without using it)."""
+        """P = sum_l || hat(U_l)^T hat(B_l) ||_F^2 (``steer_fast.orthogonality``; B_l: the LoRA
+        B of layer l's residual writers), unweighted, in fp32, on the model's device;
+        differentiable with respect to every U_l and B. Computed whatever the constraint (only
+        ``constraint="up_projection"`` in mode "penalty" trains on it)."""
         return self.constraint.penalty(self._device())
 
+    def down_projection_overlap(self) -> torch.Tensor:
+        """O = sum_l || D_l V_l ||_F^2 (V_l: an orthonormal basis of the column space of layer
+        l's LoRA B for ``modules``), in fp32, on the model's device, without gradient. Zero right
+        after ``apply_orthogonality()`` under the down-projection constraint; computed whatever
+        the constraint."""
+        return self.constraint.down_overlap(self._device())
+
     def orthogonality_term(self) -> torch.Tensor:
-        """What the constraint adds to the training loss: ``weight * orthogonality_loss()`` in
-        mode "penalty", a zero scalar (nothing computed) in the other modes."""
-        if self.orthogonality.mode != "penalty" or self.orthogonality.weight == 0:
+        """What the constraint adds to the training loss: ``weight * orthogonality_loss()`` for
+        the up-projection constraint in mode "penalty", a zero scalar (nothing computed)
+        otherwise."""
+        config = self.orthogonality
+        if config.constraint != "up_projection" or config.mode != "penalty" or config.weight == 0:
             return torch.zeros((), dtype=torch.float32, device=self._device())
-        return self.orthogonality.weight * self.orthogonality_loss()
+        return config.weight * self.orthogonality_loss()
 
     def apply_orthogonality(self) -> None:
-        """The step to take after each optimizer step: in mode "project", U_l <- U_l - Q Q^T U_l
-        in place for every steered layer (Q: an orthonormal basis of span(B_l)); nothing in the
-        other modes."""
-        if self.orthogonality.mode == "project":
-            self.constraint.project()
+        """Apply the constraint's projection now, in place (fp32, cast back), so that optimizer
+        state stays valid:
+
+        - "down_projection": D_l <- D_l (I - V_l V_l^T) for every steered layer. A training loop
+          of one's own calls it at the start of each optimizer step that the frequency names
+          (before the forward pass), as JointTrainer does;
+        - "up_projection" in mode "project": U_l <- U_l - Q Q^T U_l, Q an orthonormal basis of
+          span(B_l); a loop calls it after each optimizer step;
+        - otherwise nothing.
+        """
+        config = self.orthogonality
+        if config.constraint == "down_projection":
+            self.constraint.project_down()
+        elif config.constraint == "up_projection" and config.mode == "project":
+            self.constraint.project_up()
 
     # --- unload ----------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..block import SteeredBlock
 from ..config import SteerConfig
-from ..families import residual_writer_paths
+from ..families import family_for, residual_writer_paths
 from ..injection import SteeringPlan, plan_steering
 from ..orthogonality import OrthogonalityConfig
 from ..wrapper import SteeringWrapper
@@ -35,13 +35,18 @@ class JointPlan:
         lora_config: the LoRA config PEFT gets (a copy of the caller's).
         orthogonality: the orthogonality settings.
         residual_paths: for each steered layer, the paths (inside the layer) of its modules that
-            write into the residual stream; LoRA may adapt any of them or none.
+            write into the residual stream (the up-projection constraint and P); LoRA may adapt
+            any of them or none.
+        down_paths: for each steered layer, the paths of the modules whose LoRA B spans V_l
+            (the down-projection constraint and its overlap); which of them LoRA adapts is
+            checked once PEFT has applied the LoRA config.
     """
 
     steering: SteeringPlan
     lora_config: LoraConfig
     orthogonality: OrthogonalityConfig
     residual_paths: dict[int, tuple[str, ...]]
+    down_paths: dict[int, tuple[str, ...]]
 
 
 def _check_orthogonality(orthogonality: object) -> OrthogonalityConfig:
@@ -89,11 +94,11 @@ def _output_features(module: nn.Module) -> int | None:
     return None
 
 
-def _present_residual_writers(
-    layer: nn.Module, index: int, paths: tuple[str, ...], hidden_size: int
+def _present_writers(
+    layer: nn.Module, index: int, paths: tuple[str, ...], hidden_size: int, argument: str
 ) -> tuple[str, ...]:
     """The paths of ``paths`` that exist in ``layer``, each checked to write hidden-size
-    outputs."""
+    outputs (``argument``: the config field that named them, for the error)."""
     present = []
     for path in paths:
         try:
@@ -103,17 +108,113 @@ def _present_residual_writers(
         features = _output_features(module)
         if features is None:
             raise ValueError(
-                f"residual-writing module {path!r} of layer {index} is a "
-                f"{type(module).__name__}; expected an nn.Linear or a transformers Conv1D"
+                f"module {path!r} of layer {index} ({argument}) is a {type(module).__name__}; "
+                "expected an nn.Linear or a transformers Conv1D"
             )
         if features != hidden_size:
             raise ValueError(
-                f"residual-writing module {path!r} of layer {index} writes {features} features, "
-                f"but the residual stream has {hidden_size}; orthogonality.residual_modules must "
-                "name modules whose output is added to the residual stream"
+                f"module {path!r} of layer {index} writes {features} features, but the residual "
+                f"stream has {hidden_size}; {argument} must name modules whose output is added to "
+                "the residual stream"
             )
         present.append(path)
     return tuple(present)
+
+
+def _down_projection_paths(
+    layer: nn.Module, modules: tuple[str, ...] | None
+) -> tuple[str, ...] | None:
+    """``modules`` when given, else the layer's family's MLP writer; None when neither says."""
+    if modules is not None:
+        return modules
+    row = family_for(layer)
+    return (row.mlp_writer,) if row is not None and row.mlp_writer else None
+
+
+def _plan_residual_paths(
+    layers: nn.Module, steering: SteeringPlan, orthogonality: OrthogonalityConfig
+) -> dict[int, tuple[str, ...]]:
+    residual_paths: dict[int, tuple[str, ...]] = {}
+    unknown: list[str] = []
+    for layer_plan in steering.layers:
+        index = layer_plan.index
+        paths = residual_writer_paths(layers[index], orthogonality.residual_modules)
+        if paths is None:
+            unknown.append(f"{index} ({type(layers[index]).__name__})")
+            paths = ()
+        residual_paths[index] = _present_writers(
+            layers[index],
+            index,
+            paths,
+            steering.config.hidden_size,
+            "orthogonality.residual_modules",
+        )
+    if orthogonality.residual_modules is not None and not any(residual_paths.values()):
+        raise ValueError(
+            f"orthogonality.residual_modules {list(orthogonality.residual_modules)} names no "
+            f"module of the steered layers ({type(layers[steering.layers[0].index]).__name__})"
+        )
+    if unknown and orthogonality.constraint == "up_projection":
+        message = (
+            f"the residual-writing modules of steered layers {unknown} are unknown: their class is "
+            "not in the family table (steer_fast.families.FAMILIES); name them with "
+            "OrthogonalityConfig(residual_modules=[...]) (paths inside a decoder layer, such as "
+            "'self_attn.o_proj')"
+        )
+        if orthogonality.enforced:
+            raise ValueError(message)
+        warnings.warn(f"steer_fast: {message}; their penalty is reported as 0", stacklevel=4)
+    return residual_paths
+
+
+def _plan_down_paths(
+    layers: nn.Module, steering: SteeringPlan, orthogonality: OrthogonalityConfig
+) -> dict[int, tuple[str, ...]]:
+    down_paths: dict[int, tuple[str, ...]] = {}
+    unknown: list[str] = []
+    for layer_plan in steering.layers:
+        index = layer_plan.index
+        paths = _down_projection_paths(layers[index], orthogonality.modules)
+        if paths is None:
+            unknown.append(f"{index} ({type(layers[index]).__name__})")
+            paths = ()
+        down_paths[index] = _present_writers(
+            layers[index], index, paths, steering.config.hidden_size, "orthogonality.modules"
+        )
+    if orthogonality.modules is not None and not any(down_paths.values()):
+        raise ValueError(
+            f"orthogonality.modules {list(orthogonality.modules)} names no module of the steered "
+            f"layers ({type(layers[steering.layers[0].index]).__name__})"
+        )
+    if unknown and orthogonality.constraint == "down_projection":
+        raise ValueError(
+            f"steered layers {unknown} have no MLP writer in the family table "
+            "(steer_fast.families.FAMILIES: an unknown class, or a family whose MLP output no "
+            "module LoRA can adapt writes, such as Mixtral's fused experts), so the "
+            "down-projection constraint has no LoRA B to use: name the modules with "
+            "OrthogonalityConfig(modules=[...]) (paths inside a decoder layer, such as "
+            "'self_attn.o_proj'), or choose constraint='up_projection' or 'none'"
+        )
+    return down_paths
+
+
+def _check_constrained_steering(config: SteerConfig, orthogonality: OrthogonalityConfig) -> None:
+    """The constraints act on a low-rank adapter's D and U, at site "block" (or "mlp" without
+    it, as in the paper's submodule variant): anything else would leave them nothing to act on."""
+    if orthogonality.constraint == "none":
+        return
+    if config.rank == 0:
+        raise ValueError(
+            f"orthogonality constraint {orthogonality.constraint!r} acts on a low-rank adapter's "
+            "D and U, and steer_config.rank=0 (steering vectors) has neither: use rank >= 1 or "
+            "OrthogonalityConfig(constraint='none')"
+        )
+    if not {"block", "mlp"} & set(config.site):
+        raise ValueError(
+            f"orthogonality constraint {orthogonality.constraint!r} acts on the adapter at site "
+            f"'block' (or 'mlp'), and steer_config.site={list(config.site)} has neither: add one "
+            "or use OrthogonalityConfig(constraint='none')"
+        )
 
 
 def plan_joint(
@@ -128,43 +229,21 @@ def plan_joint(
     Raises:
         ValueError: for a bad steer config (see ``plan_steering``), a ``lora_config`` that is
             not a ``peft.LoraConfig``, a bad orthogonality config (negative weight, unknown
-            mode, ...), a model that already holds adapters, residual-writing modules that do
-            not exist or do not write a hidden-size output, or a layer family without known
-            residual writers in mode "penalty" or "project".
+            mode or frequency, ...), a model that already holds adapters, ``modules`` or
+            ``residual_modules`` that exist in no steered layer or do not write a hidden-size
+            output, a layer family without known residual writers for the up-projection
+            constraint in mode "penalty" or "project", or one without an MLP writer for the
+            down-projection constraint when ``modules`` is not given.
     """
     orthogonality = _check_orthogonality(orthogonality)
     lora_config = _check_lora_config(lora_config)
     model = _check_unadapted(model)
     steering = plan_steering(model, steer_config)
-
+    _check_constrained_steering(steering.config, orthogonality)
     layers = model.get_submodule(steering.layers_name)
-    residual_paths: dict[int, tuple[str, ...]] = {}
-    unknown: list[str] = []
-    for layer_plan in steering.layers:
-        index = layer_plan.index
-        paths = residual_writer_paths(layers[index], orthogonality.residual_modules)
-        if paths is None:
-            unknown.append(f"{index} ({type(layers[index]).__name__})")
-            paths = ()
-        residual_paths[index] = _present_residual_writers(
-            layers[index], index, paths, steering.config.hidden_size
-        )
-    if orthogonality.residual_modules is not None and not any(residual_paths.values()):
-        raise ValueError(
-            f"orthogonality.residual_modules {list(orthogonality.residual_modules)} names no "
-            f"module of the steered layers ({type(layers[steering.layers[0].index]).__name__})"
-        )
-    if unknown:
-        message = (
-            f"the residual-writing modules of steered layers {unknown} are unknown: their class is "
-            "not in the family table (steer_fast.families.FAMILIES); name them with "
-            "OrthogonalityConfig(residual_modules=[...]) (paths inside a decoder layer, such as "
-            "'self_attn.o_proj')"
-        )
-        if orthogonality.mode != "none":
-            raise ValueError(message)
-        warnings.warn(f"steer_fast: {message}; their penalty is reported as 0", stacklevel=3)
-    return JointPlan(steering, lora_config, orthogonality, residual_paths)
+    residual_paths = _plan_residual_paths(layers, steering, orthogonality)
+    down_paths = _plan_down_paths(layers, steering, orthogonality)
+    return JointPlan(steering, lora_config, orthogonality, residual_paths, down_paths)
 
 
 # nn.Module's stores of children, parameters, buffers and hooks.

@@ -1,9 +1,11 @@
 """JointTrainer: training a JointModel with the transformers Trainer.
 
-``JointTrainer`` adds the orthogonality penalty to the loss (mode "penalty"), projects after
-every optimizer step (mode "project"), logs the task loss and the penalty, and gives the LoRA
-part and the steering part their own learning rates. A training loop of one's own does the same
-with ``JointModel.orthogonality_term()``, ``apply_orthogonality()`` and ``parameter_groups()``.
+``JointTrainer`` applies the orthogonality constraint (the down-projection projection at the
+start of the optimizer steps its frequency names; for the up-projection constraint, the penalty
+in the loss or the projection after every optimizer step), logs the task loss and both measures
+of overlap, and gives the LoRA part and the steering part their own learning rates. A training
+loop of one's own does the same with ``JointModel.apply_orthogonality()``,
+``orthogonality_term()`` and ``parameter_groups()``.
 """
 
 from __future__ import annotations
@@ -23,28 +25,72 @@ from .model import JointModel
 
 
 class _OrthogonalityCallback(TrainerCallback):
-    """Projects after every optimizer step (and once when training starts, so that a model
-    loaded from a run in another mode starts feasible); a no-op outside mode "project"."""
+    """Applies the constraint when its config says, and measures the overlap O at the start of
+    every optimizer step (after any projection) for the trainer's logs.
 
-    def __init__(self, model: JointModel) -> None:
-        self.model = model
+    - "down_projection": ``apply_orthogonality()`` at the start of an optimizer step, on every
+      step ("step"), on global steps 0, N, 2N, ... (an int N), at each epoch's start ("epoch"),
+      or once when training starts ("init");
+    - "up_projection" in mode "project": after every optimizer step, and once when training
+      starts (so that a model loaded from a run in another mode starts feasible).
+    """
+
+    def __init__(self, trainer: JointTrainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def _model(self) -> JointModel:
+        return self.trainer.model
+
+    def _config(self):
+        return self._model.orthogonality
+
+    def _projects_up(self) -> bool:
+        config = self._config()
+        return config.constraint == "up_projection" and config.mode == "project"
+
+    def _projects_down(self, event: str, global_step: int = 0) -> bool:
+        """Whether the down-projection constraint projects at ``event`` ("init", "epoch" or
+        "step", the start of global step ``global_step``)."""
+        config = self._config()
+        if config.constraint != "down_projection":
+            return False
+        if isinstance(config.frequency, int):
+            return event == "step" and global_step % config.frequency == 0
+        return config.frequency == event
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.model.apply_orthogonality()
+        if self._projects_down("init") or self._projects_up():
+            self._model.apply_orthogonality()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self._projects_down("epoch"):
+            self._model.apply_orthogonality()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._projects_down("step", state.global_step):
+            self._model.apply_orthogonality()
+        self.trainer._record_overlap(self._model.down_projection_overlap())
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self.model.apply_orthogonality()
+        if self._projects_up():
+            self._model.apply_orthogonality()
 
 
 class JointTrainer(Trainer):
     """A transformers Trainer for a JointModel.
 
-    - Mode "penalty": the training loss is task loss + ``weight * P``, P counted once per
-      optimizer step whatever the gradient accumulation. Evaluation losses are task losses.
-    - Mode "project": ``model.apply_orthogonality()`` runs after every optimizer step.
-    - Every mode: each training log has ``task_loss`` and ``orthogonality_penalty`` (P,
-      unweighted), averaged over the optimizer steps since the last log like ``loss``, and
-      ``steer_learning_rate`` beside ``learning_rate`` (the LoRA part's).
+    - Constraint "down_projection" (the default): ``model.apply_orthogonality()`` runs at the
+      start of the optimizer steps the config's ``frequency`` names (every step; global steps
+      0, N, 2N, ...; each epoch's start; or once when training starts).
+    - Constraint "up_projection", mode "penalty": the training loss is task loss +
+      ``weight * P``, P counted once per optimizer step whatever the gradient accumulation
+      (evaluation losses are task losses); mode "project": ``model.apply_orthogonality()`` runs
+      after every optimizer step.
+    - Every constraint: each training log has ``task_loss``, ``orthogonality_penalty`` (P,
+      unweighted) and ``down_projection_overlap`` (O, measured at the start of each optimizer
+      step, after any projection), averaged over the optimizer steps since the last log like
+      ``loss``, and ``steer_learning_rate`` beside ``learning_rate`` (the LoRA part's).
     - The optimizer (``args.optim``, AdamW by default) gets one parameter group per part and
       weight-decay class: ``lora_learning_rate`` for the LoRA part and
       ``steer_learning_rate`` for the steering part (each ``args.learning_rate`` when None),
@@ -107,7 +153,14 @@ class JointTrainer(Trainer):
         self._logged_task_loss = torch.zeros(())
         self._logged_penalty = torch.zeros(())
         self._logged_steps = 0.0
-        self.add_callback(_OrthogonalityCallback(model))
+        self._logged_overlap = torch.zeros(())
+        self._overlap_steps = 0
+        self.add_callback(_OrthogonalityCallback(self))
+
+    def _record_overlap(self, overlap: torch.Tensor) -> None:
+        """Add one optimizer step's O to the sum logged next (on its device: no sync)."""
+        self._logged_overlap = self._logged_overlap.to(overlap.device) + overlap
+        self._overlap_steps += 1
 
     # --- optimizer -------------------------------------------------------------------------
 
@@ -130,11 +183,7 @@ class JointTrainer(Trainer):
         takes_groups = isinstance(optimizer_cls, type) and issubclass(
             optimizer_cls, torch.optim.Optimizer
         )
-        if (
-            not takes_groups
-            or "params" in optimizer_kwargs
-            or "model" in optimizer_kwargs
-        ):
+        if not takes_groups or "params" in optimizer_kwargs or "model" in optimizer_kwargs:
             raise ValueError(
                 f"args.optim={self.args.optim!r} builds its own parameter groups; JointTrainer "
                 "needs an optimizer that takes parameter groups (such as adamw_torch)"
@@ -151,7 +200,8 @@ class JointTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        """The task loss, plus ``weight * P`` in mode "penalty" while training."""
+        """The task loss, plus ``weight * P`` while training under the up-projection
+        constraint in mode "penalty"."""
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -162,7 +212,12 @@ class JointTrainer(Trainer):
             # This micro-batch's share of one optimizer step: the micro-batch losses of a step
             # add up to the step's loss once the Trainer has divided the unscaled ones.
             share = 1.0 / steps
-            adding = joint.orthogonality.mode == "penalty" and joint.orthogonality.weight > 0
+            config = joint.orthogonality
+            adding = (
+                config.constraint == "up_projection"
+                and config.mode == "penalty"
+                and config.weight > 0
+            )
             with contextlib.nullcontext() if adding else torch.no_grad():
                 penalty = joint.orthogonality_loss().to(loss.device)
             task = loss.detach().mean() * (1.0 if scaled else share)
@@ -172,14 +227,19 @@ class JointTrainer(Trainer):
             if adding:
                 # Scaled like the task loss, so that the Trainer's division (if any) leaves
                 # weight * P once per optimizer step.
-                loss = loss + joint.orthogonality.weight * (share if scaled else 1.0) * penalty
+                loss = loss + config.weight * (share if scaled else 1.0) * penalty
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """The Trainer's log, with the task loss, the penalty and the steering learning rate
+        """The Trainer's log, with the task loss, both measures and the steering learning rate
         added to training logs."""
+        mode = self.args.parallel_mode
+        if "loss" in logs and self._overlap_steps > 0:
+            overlap = nested_gather(self._logged_overlap, mode).mean().item()
+            logs["down_projection_overlap"] = overlap / self._overlap_steps
+            self._logged_overlap = torch.zeros(())
+            self._overlap_steps = 0
         if "loss" in logs and self._logged_steps > 0:
-            mode = self.args.parallel_mode
             task = nested_gather(self._logged_task_loss, mode).mean().item()
             penalty = nested_gather(self._logged_penalty, mode).mean().item()
             logs["task_loss"] = task / self._logged_steps
