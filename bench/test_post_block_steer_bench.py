@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steer_fast.benchmark import KERNEL_METHODS, MethodUnavailable
-from steer_fast.benchmark.kernel_suite import KernelCase, KernelInputs, pass_function
+from steer_fast.benchmark.kernel_suite import KernelCase, kernel_inputs, pass_function
 
 if torch.cuda.is_available():
     SHAPES = [(16384, 2048, 16), (65536, 4096, 64)]
@@ -33,7 +33,7 @@ def test_post_block_steer(benchmark, device, method, pass_, tokens, hidden_size,
         steer = KERNEL_METHODS[method].setup(device)
     except MethodUnavailable as reason:
         pytest.skip(str(reason))
-    inputs = KernelInputs.create(case, device, seed=0)
+    inputs = kernel_inputs(case, device, seed=0)
     run = _synchronized(pass_function(steer, case, inputs, pass_), device)
     run()  # compile / autotune outside the measurement
     benchmark.extra_info.update(

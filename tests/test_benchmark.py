@@ -117,7 +117,7 @@ def test_trainable_parameter_counts(tiny_run):
     kv = d // sizes["num_attention_heads"] * sizes["num_key_value_heads"]
     counts = {r_["method"]: r_["trainable_params"] for r_ in _rows(rows, "training")
               if r_["status"] == "ok"}
-    assert counts["steer_fast_torch"] == layers * (2 * d * r + r + d)
+    assert counts["steer_fast_torch"] == layers * 2 * d * r  # the published form: no biases
     assert counts["lora_qv"] == layers * (r * (d + d) + r * (d + kv))
     if importlib.util.find_spec("pyreft") is not None:
         assert counts["loreft"] == layers * (2 * d * r + r)

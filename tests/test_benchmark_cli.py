@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steer_fast.benchmark import BenchmarkSettings
-from steer_fast.benchmark.presets import PRESETS
+from steer_fast.benchmark.models import PRESETS
 from steer_fast.cli import build_parser, main
 
 
@@ -26,7 +26,7 @@ def test_parser_reads_every_option():
     assert args.config_kwargs == {"num_hidden_layers": 3}
     assert (args.batch, args.seq_len, args.rank, args.decode_tokens) == (3, 24, 8, 5)
     assert (args.warmup, args.repeats, args.threads) == (2, 4, 1)
-    assert args.quick and args.overwrite and args.no_plots and args.no_progress
+    assert args.quick and args.overwrite and args.plots is False and args.no_progress
 
 
 def test_parser_rejects_bad_json_and_choices():

@@ -12,37 +12,14 @@ Three suites, one command (``steer-fast bench``, or ``python -m steer_fast bench
     print(run.report)
 """
 
-from .methods import (
-    INFERENCE_METHODS,
-    KERNEL_METHODS,
-    METHODS,
-    TRAINING_METHODS,
-    Candidate,
-    MethodContext,
-    MethodUnavailable,
-)
-from .presets import PRESETS, KernelGrid, ModelPreset
+from .methods import METHODS, SUITES, Candidate, MethodContext, MethodUnavailable
+from .models import PRESETS, ModelPreset
 from .records import RECORD_FIELDS, BenchmarkRecord, load_records
 from .runner import BenchmarkRun, run_benchmarks
-from .settings import SUITES, BenchmarkOptions, BenchmarkSettings
+from .settings import BenchmarkOptions, BenchmarkSettings, KernelGrid
 
-__all__ = [
-    "INFERENCE_METHODS",
-    "KERNEL_METHODS",
-    "METHODS",
-    "PRESETS",
-    "RECORD_FIELDS",
-    "SUITES",
-    "TRAINING_METHODS",
-    "BenchmarkOptions",
-    "BenchmarkRecord",
-    "BenchmarkRun",
-    "BenchmarkSettings",
-    "Candidate",
-    "KernelGrid",
-    "MethodContext",
-    "MethodUnavailable",
-    "ModelPreset",
-    "load_records",
-    "run_benchmarks",
-]
+KERNEL_METHODS, TRAINING_METHODS, INFERENCE_METHODS = METHODS.values()  # the suites' tables
+__all__ = ["INFERENCE_METHODS", "KERNEL_METHODS", "METHODS", "PRESETS", "RECORD_FIELDS", "SUITES",
+           "TRAINING_METHODS", "BenchmarkOptions", "BenchmarkRecord", "BenchmarkRun",
+           "BenchmarkSettings", "Candidate", "KernelGrid", "MethodContext", "MethodUnavailable",
+           "ModelPreset", "load_records", "run_benchmarks"]

@@ -1,13 +1,11 @@
 """Kernel suite: post_block_steer alone, forward and forward+backward, over a grid of shapes.
 
-The implementations are the kernel methods (``KERNEL_METHODS``): the fused Triton kernels (CUDA
-only), steer_fast's torch path, the unfused eager reference and ``torch.compile`` of it, all on
-the same tensors. Beside them, per grid point and pass, the ``roofline`` row: not an
-implementation but the floor for any, the minimum bytes the pass must move
-(``steer_fast.traffic``: the forward reads hidden, and residual when fused, and writes out; the
-backward reads grad_out and out and writes grad_hidden) over the copy bandwidth measured on the
-same device in the same run. ``gbps`` is the minimum bytes over the measured time and
-``roofline_pct`` the roofline time over the measured time.
+Every kernel method (``KERNEL_METHODS``) runs on the same tensors. Beside them, per grid point
+and pass, the ``roofline`` row: the floor for any implementation, the minimum bytes the pass
+must move (``steer_fast.traffic``: the forward reads hidden, and residual when fused, and writes
+out; the backward reads grad_out and out and writes grad_hidden) over the copy bandwidth
+measured on the same device in the same run. ``gbps`` is the minimum bytes over the measured
+time and ``roofline_pct`` the roofline time over the measured time.
 """
 
 from __future__ import annotations
@@ -15,18 +13,15 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..traffic import minimum_backward_bytes, minimum_forward_bytes
-from .context import RunContext, describe_error, release_memory
-from .memory import measure_peak_memory
-from .methods import KERNEL_METHODS, Method, MethodUnavailable
-from .presets import KernelGrid
-from .records import BenchmarkRecord
-from .timing import Call, Timing, copy_bandwidth, measure_interleaved
+from .memory import MEASURES, measure_peak_memory, release_memory
+from .methods import KERNEL_METHODS
+from .records import BenchmarkRecord, RunContext, not_run
+from .timing import Call, copy_bandwidth, measure_interleaved, unwrap
 
 PASSES: tuple[str, ...] = ("forward", "forward+backward")
 KERNEL_MODEL = "post_block_steer"  # kernel rows time the op alone, not the model
@@ -34,8 +29,7 @@ SCALE = 0.5
 BACKENDS = {"steer_fast_fused": "triton", "steer_fast_torch": "torch"}
 
 
-@dataclass(frozen=True)
-class KernelCase:
+class KernelCase(NamedTuple):
     """One grid point: N tokens of width d through a rank-r adapter."""
 
     tokens: int
@@ -45,10 +39,6 @@ class KernelCase:
     dtype: torch.dtype
     residual: bool
 
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
     def min_bytes(self, pass_: str) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
         forward = minimum_forward_bytes(self.tokens, self.hidden_size, element, self.residual)
@@ -56,184 +46,99 @@ class KernelCase:
             return forward
         return forward + minimum_backward_bytes(self.tokens, self.hidden_size, element)
 
-    def describe(self) -> str:
-        fused = " +residual" if self.residual else ""
-        return (
-            f"N={self.tokens} d={self.hidden_size} r={self.rank} {self.activation} "
-            f"{self.dtype_name}{fused}"
-        )
+
+def kernel_inputs(case: KernelCase, device: torch.device, seed: int) -> dict[str, Any]:
+    """The op's tensors for one case, by ``post_block_steer``'s argument names, and
+    ``grad_out``; every tensor but ``grad_out`` requires grad (residual is None unless fused)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        values = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
+        return (values * scale).to(case.dtype).requires_grad_(True)
+
+    n, d, r = case.tokens, case.hidden_size, case.rank
+    inputs = dict(hidden=randn(n, d), down_weight=randn(r, d, scale=d**-0.5),
+                  up_weight=randn(d, r, scale=r**-0.5), down_bias=randn(r, scale=0.1),
+                  up_bias=randn(d, scale=0.1), residual=randn(n, d) if case.residual else None)
+    return {**inputs, "grad_out": randn(n, d).detach()}
 
 
-def grid_cases(grid: KernelGrid) -> list[KernelCase]:
-    values = (grid.tokens, grid.hidden_sizes, grid.ranks, grid.activations, grid.dtypes)
-    return [KernelCase(*v) for v in itertools.product(*values, grid.residual)]
-
-
-@dataclass
-class KernelInputs:
-    """The op's tensors for one case: ``weights`` are (down_weight, up_weight, down_bias,
-    up_bias); every tensor but ``grad_out`` requires grad."""
-
-    hidden: torch.Tensor
-    weights: tuple[torch.Tensor, ...]
-    residual: torch.Tensor | None
-    grad_out: torch.Tensor
-
-    @classmethod
-    def create(cls, case: KernelCase, device: torch.device, seed: int) -> KernelInputs:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-        def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-            values = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
-            return (values * scale).to(case.dtype).requires_grad_(True)
-
-        n, d, r = case.tokens, case.hidden_size, case.rank
-        hidden = randn(n, d)
-        weights = randn(r, d, scale=d**-0.5), randn(d, r, scale=r**-0.5)
-        weights += randn(r, scale=0.1), randn(d, scale=0.1)
-        residual = randn(n, d) if case.residual else None
-        return cls(hidden, weights, residual, randn(n, d).detach())
-
-    def differentiable(self) -> list[torch.Tensor]:
-        return [self.hidden, *self.weights, *([] if self.residual is None else [self.residual])]
-
-
-def pass_function(
-    steer: Callable[..., torch.Tensor], case: KernelCase, inputs: KernelInputs, pass_: str
-) -> Callable[[], Any]:
+def pass_function(steer: Callable[..., torch.Tensor], case: KernelCase, inputs: dict[str, Any],
+                  pass_: str) -> Callable[[], Any]:
     """The timed call: the forward under no_grad, or forward then the gradients of all inputs."""
-
-    def forward() -> torch.Tensor:
-        return steer(
-            inputs.hidden,
-            *inputs.weights,
-            activation=case.activation,
-            scale=SCALE,
-            residual=inputs.residual,
-        )
-
+    arguments = dict(inputs)
+    grad_out = arguments.pop("grad_out")
+    forward = lambda: steer(**arguments, activation=case.activation, scale=SCALE)
     if pass_ == "forward":
         return torch.no_grad()(forward)
-    return lambda: torch.autograd.grad(forward(), inputs.differentiable(), inputs.grad_out)
+    differentiable = [t for t in arguments.values() if t is not None]
+    return lambda: torch.autograd.grad(forward(), differentiable, grad_out)
+
+
+def grid_cases(ctx: RunContext) -> list[KernelCase]:
+    return [KernelCase(*values) for values in itertools.product(*ctx.settings.kernel_grid)]
 
 
 def kernel_job_count(ctx: RunContext) -> int:
     methods = KERNEL_METHODS.select(ctx.settings.methods)
-    if not methods:
-        return 0
-    return 1 + len(grid_cases(ctx.settings.kernel_grid)) * len(PASSES) * len(methods)
+    return 1 + len(grid_cases(ctx)) * len(PASSES) * len(methods) if methods else 0
 
 
 def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
     """Yield the copy-bandwidth record, then per case and pass the roofline and every method."""
-    methods = KERNEL_METHODS.select(ctx.settings.methods)
+    methods, device = KERNEL_METHODS.select(ctx.settings.methods), ctx.settings.device
     if not methods:
         return
     ctx.advance("kernel: copy bandwidth")
-    bandwidth = copy_bandwidth(ctx.device)
-    yield ctx.record(
-        "kernel",
-        "copy",
-        "tensor copy (bandwidth probe)",
-        model=KERNEL_MODEL,
-        batch=1,
-        seq_len=bandwidth.bytes_moved // 2,
-        rank=None,
-        activation=None,
-        dtype="float32",
-        **bandwidth.timing.record_fields(),
-        min_bytes=bandwidth.bytes_moved,
-        gbps=bandwidth.bytes_per_s / 1e9,
-        roofline_pct=100.0,
-    )
-    for case in grid_cases(ctx.settings.kernel_grid):
-        inputs = KernelInputs.create(case, ctx.device, ctx.settings.seed)
-        steers: dict[str, Callable[..., torch.Tensor] | MethodUnavailable] = {}
+    bandwidth = copy_bandwidth(device)
+    bytes_per_s = bandwidth.bytes_per_s
+    yield ctx.record("kernel", "copy", "tensor copy (bandwidth probe)", model=KERNEL_MODEL,
+                     batch=1, seq_len=bandwidth.bytes_moved // 2, rank=None, activation=None,
+                     dtype="float32", **bandwidth.timing.record_fields(),
+                     min_bytes=bandwidth.bytes_moved, gbps=bytes_per_s / 1e9, roofline_pct=100.0)
+    for case in grid_cases(ctx):
+        inputs = kernel_inputs(case, device, ctx.settings.seed)
+        resident = [t for t in inputs.values() if t is not None]
+        steers: dict[str, Any] = {}
         for method in methods:
             try:
-                steers[method.name] = method.setup(ctx.device)
-            except MethodUnavailable as reason:
-                steers[method.name] = reason
+                steers[method.name] = method.setup(device)
+            except Exception as error:  # MethodUnavailable, or a failure: the rows say why
+                steers[method.name] = error
+        dtype = str(case.dtype).removeprefix("torch.")
+        described = (f"N={case.tokens} d={case.hidden_size} r={case.rank} {case.activation} "
+                     f"{dtype}{' +residual' if case.residual else ''}")
         for pass_ in PASSES:
-            yield from _run_pass(ctx, case, pass_, methods, steers, inputs, bandwidth.bytes_per_s)
-        del inputs, steers
-        release_memory(ctx.device)
-
-
-def _run_pass(
-    ctx: RunContext,
-    case: KernelCase,
-    pass_: str,
-    methods: list[Method],
-    steers: dict[str, Any],
-    inputs: KernelInputs,
-    bytes_per_s: float,
-) -> list[BenchmarkRecord]:
-    """The roofline row, then one row per method for one case and pass (timed in rounds)."""
-    min_bytes = case.min_bytes(pass_)
-    roofline_ms = min_bytes / bytes_per_s * 1e3
-    shared = dict(
-        model=KERNEL_MODEL,
-        batch=1,
-        seq_len=case.tokens,
-        rank=case.rank,
-        activation=case.activation,
-        dtype=case.dtype_name,
-        pass_=pass_,
-        tokens=case.tokens,
-        hidden_size=case.hidden_size,
-        residual=case.residual,
-        min_bytes=min_bytes,
-    )
-    rows = [
-        ctx.record(
-            "kernel",
-            "roofline",
-            "memory roofline",
-            ms=roofline_ms,
-            ms_min=roofline_ms,
-            ms_max=roofline_ms,
-            tokens_per_s=case.tokens / (roofline_ms * 1e-3),
-            gbps=bytes_per_s / 1e9,
-            roofline_pct=100.0,
-            **shared,
-        )
-    ]
-    calls = {
-        name: Call(pass_function(steer, case, inputs, pass_))
-        for name, steer in steers.items()
-        if not isinstance(steer, MethodUnavailable)
-    }
-    ctx.advance(f"kernel: {pass_} {case.describe()}", count=False)
-    groups = [calls] if ctx.settings.interleave else [{n: c} for n, c in calls.items()]
-    timings: dict[str, Timing | Exception] = {}
-    for group in groups:
-        timings.update(measure_interleaved(group, ctx.device, ctx.settings.timing.kernel, True))
-    for method in methods:
-        ctx.advance(f"kernel: {method.name} {pass_} {case.describe()}")
-        row = functools.partial(ctx.record, "kernel", method.name, method.label, **shared)
-        if isinstance(steers[method.name], MethodUnavailable):
-            rows.append(row(status="skipped", reason=str(steers[method.name])))
-            continue
-        try:
-            timing = timings[method.name]
-            if isinstance(timing, Exception):
-                raise timing
-            resident = [*inputs.differentiable(), inputs.grad_out]
-            memory = measure_peak_memory(calls[method.name].fn, ctx.device, resident)
-        except Exception as error:  # a failing implementation gets a row that says why
-            rows.append(row(status="failed", reason=describe_error(error)))
-            continue
-        seconds = timing.median_ms * 1e-3
-        rows.append(
-            row(
-                **timing.record_fields(),
-                tokens_per_s=case.tokens / seconds,
-                peak_mem_bytes=memory.peak_bytes,
-                memory_measure=memory.measure,
-                gbps=min_bytes / seconds / 1e9,
-                roofline_pct=100.0 * roofline_ms / timing.median_ms,
-                backend=BACKENDS.get(method.name),
-            )
-        )
-    return rows
+            min_bytes = case.min_bytes(pass_)
+            roofline_ms = min_bytes / bytes_per_s * 1e3
+            row = functools.partial(
+                ctx.record, "kernel", model=KERNEL_MODEL, batch=1, seq_len=case.tokens,
+                rank=case.rank, activation=case.activation, dtype=dtype, pass_=pass_,
+                tokens=case.tokens, hidden_size=case.hidden_size, residual=case.residual,
+                min_bytes=min_bytes)
+            yield row("roofline", "memory roofline", ms=roofline_ms, ms_min=roofline_ms,
+                      ms_max=roofline_ms, tokens_per_s=case.tokens / (roofline_ms * 1e-3),
+                      gbps=bytes_per_s / 1e9, roofline_pct=100.0)
+            calls = {name: Call(pass_function(steer, case, inputs, pass_))
+                     for name, steer in steers.items() if not isinstance(steer, Exception)}
+            ctx.advance(f"kernel: {pass_} {described}", count=False)
+            groups = [calls] if ctx.settings.interleave else [{n: c} for n, c in calls.items()]
+            timings = {name: timing for group in groups for name, timing in measure_interleaved(
+                group, device, ctx.settings.timing["kernel"], flush_l2=True).items()}
+            for method in methods:
+                ctx.advance(f"kernel: {method.name} {pass_} {described}")
+                try:
+                    unwrap(steers[method.name])
+                    timing = unwrap(timings[method.name])
+                    peak = measure_peak_memory(calls[method.name].fn, device, resident)
+                except Exception as error:  # a failing implementation gets a row that says why
+                    yield row(method.name, method.label, **not_run(error))
+                    continue
+                seconds = timing.median_ms * 1e-3
+                yield row(method.name, method.label, **timing.record_fields(),
+                          tokens_per_s=case.tokens / seconds, peak_mem_bytes=peak,
+                          memory_measure=MEASURES[device.type], gbps=min_bytes / seconds / 1e9,
+                          roofline_pct=100.0 * roofline_ms / timing.median_ms,
+                          backend=BACKENDS.get(method.name))
+        del inputs, resident, steers, calls
+        release_memory(device)

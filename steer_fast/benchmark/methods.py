@@ -1,19 +1,12 @@
 """The methods every suite compares, in one registry: ``METHODS[suite]``, a ``MethodTable``.
 
 A training or inference method's ``setup`` takes a ``MethodContext`` and returns a
-``Candidate``: its own copy of the model (built from the same seed as every other method's), a
-``forward`` taking the Hugging Face keyword arguments, and the parameters to train. A kernel
-method's ``setup`` takes the device and returns the function the kernel suite times, called like
-``post_block_steer``. A method that cannot run on this machine raises ``MethodUnavailable`` with
-the reason; the suites turn that into a "skipped" row.
-
-Adding a method is one function in one of the tables:
-
-    @TRAINING_METHODS.register("my_method", "My method")
-    def _my_method(ctx: MethodContext) -> Candidate:
-        model = ctx.fresh_model()
-        ...
-        return Candidate(module=model, forward=model, trainable=[...])
+``Candidate`` with its own copy of the model (built from the same seed as every other method's).
+A kernel method's ``setup`` takes the device and returns the function the kernel suite times,
+called like ``post_block_steer``. A method that cannot run on this machine raises
+``MethodUnavailable`` with the reason (a "skipped" row). Adding a method is one function,
+registered with ``@TRAINING_METHODS.register("my_method", "My method")`` (or the kernel or
+inference table); docs/benchmarks.md shows one.
 """
 
 from __future__ import annotations
@@ -23,28 +16,18 @@ import functools
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .. import (
-    OrthogonalityConfig,
-    PostBlockAdapter,
-    SteerConfig,
-    get_steer_model,
-    post_block_steer,
-    resolve_backend,
-)
-from ..ops import triton_available
+from .. import OrthogonalityConfig, PostBlockAdapter, SteerConfig, get_steer_model
+from ..ops import post_block_steer, resolve_backend, triton_available
 from ..reference import reference_post_block_steer
 from .models import ModelSpec, build_model
 
-TRITON_NEEDS_CUDA = (
-    "the fused Triton kernels need CUDA; on the CPU they run only under the Triton "
-    "interpreter, whose timings are not meaningful"
-)
-FUSED, TORCH_PATH = "steer_fast fused (Triton)", "steer_fast torch path"
+TRITON_NEEDS_CUDA = ("the fused Triton kernels need CUDA; on the CPU they run only under the "
+                     "Triton interpreter, whose timings are not meaningful")
 LORA_QV = ["q_proj", "v_proj"]
 # LoRA of the joint method: q, v and the two residual writers, so that the orthogonality
 # constraint has B matrices to act on in every layer.
@@ -75,9 +58,8 @@ class Candidate:
     """A model prepared for one method.
 
     ``module`` owns every tensor of the method (the resident set for memory accounting);
-    ``forward(**hf_kwargs)`` runs it; ``trainable`` is the adapter's parameters, what AdamW
-    updates (empty: no optimizer step; a merged LoRA has none left); ``backend`` is the
-    steer_fast backend the model actually runs, where there is one.
+    ``forward(**hf_kwargs)`` runs it; ``trainable`` is what AdamW updates (empty: no optimizer
+    step); ``backend`` is the steer_fast backend the model actually runs, where there is one.
     """
 
     module: nn.Module
@@ -86,50 +68,24 @@ class Candidate:
     backend: str | None = None
 
 
-@dataclass(frozen=True)
-class Method:
-    """A named, labelled setup: ``setup(MethodContext)`` or, for kernels, ``setup(device)``."""
-
+class Method(NamedTuple):
     name: str
-    label: str
-    setup: Callable[[Any], Any]
+    label: str  # what reports call it
+    setup: Callable[[Any], Any]  # setup(MethodContext), or setup(device) for a kernel
 
 
 class MethodTable(dict[str, Method]):
     """One suite's methods by name, in registration order (the order of the report's rows)."""
 
     def register(self, name: str, label: str) -> Callable[[Callable], Callable]:
-        """A decorator that adds ``setup`` under ``name``; the label names it in reports."""
+        """A decorator that adds ``setup`` under ``name``."""
         if name in self:
             raise ValueError(f"method {name!r} is already registered")
-
-        def decorator(setup: Callable) -> Callable:
-            self[name] = Method(name, label, setup)
-            return setup
-
-        return decorator
+        return lambda setup: self.setdefault(name, Method(name, label, setup)).setup
 
     def select(self, names: Iterable[str] | None) -> list[Method]:
         """The named methods (all when ``names`` is None), in table order."""
-        wanted = None if names is None else set(names)
-        return [m for name, m in self.items() if wanted is None or name in wanted]
-
-    def groups(self, names: Iterable[str] | None, interleave: bool) -> list[list[Method]]:
-        """The selected methods as timing groups: all together when interleaved (timed in
-        rounds), else one group per method (timed one after another)."""
-        methods = self.select(names)
-        return [methods] if interleave else [[method] for method in methods]
-
-
-KERNEL_METHODS = MethodTable()
-TRAINING_METHODS = MethodTable()
-INFERENCE_METHODS = MethodTable()
-METHODS: dict[str, MethodTable] = {
-    "kernel": KERNEL_METHODS,
-    "training": TRAINING_METHODS,
-    "inference": INFERENCE_METHODS,
-}
-SUITES: tuple[str, ...] = tuple(METHODS)
+        return [m for name, m in self.items() if names is None or name in names]
 
 
 def require_triton(device: torch.device) -> None:
@@ -162,31 +118,18 @@ def lora_config(ctx: MethodContext, target_modules: list[str] | str):
     """PEFT LoRA at the same rank, no dropout (scale alpha / r = 1)."""
     from peft import LoraConfig  # imported on first use, as steer_fast imports its joint model
 
-    return LoraConfig(
-        r=ctx.rank,
-        lora_alpha=ctx.rank,
-        lora_dropout=0.0,
-        target_modules=target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(r=ctx.rank, lora_alpha=ctx.rank, lora_dropout=0.0,
+                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
 
 
-def lora_model(ctx: MethodContext, target_modules: list[str] | str) -> nn.Module:
+def lora_candidate(ctx: MethodContext, target_modules: list[str] | str, merge=False) -> Candidate:
+    """PEFT LoRA; with ``merge``, merged into the base weights (``merge_and_unload``): nothing
+    left to train."""
     from peft import get_peft_model
 
-    return get_peft_model(ctx.fresh_model(), lora_config(ctx, target_modules))
-
-
-def lora_candidate(ctx: MethodContext, target_modules: list[str] | str) -> Candidate:
-    model = lora_model(ctx, target_modules)
-    return Candidate(model, model, _trainable(model))
-
-
-def merged_lora_candidate(ctx: MethodContext) -> Candidate:
-    """LoRA q,v merged into the base weights (``merge_and_unload``): nothing left to train."""
-    model = lora_model(ctx, LORA_QV).merge_and_unload()
-    return Candidate(model, model)
+    model = get_peft_model(ctx.fresh_model(), lora_config(ctx, target_modules))
+    model = model.merge_and_unload() if merge else model
+    return Candidate(model, model, [] if merge else _trainable(model))
 
 
 def loreft_candidate(ctx: MethodContext) -> Candidate:
@@ -199,34 +142,23 @@ def loreft_candidate(ctx: MethodContext) -> Candidate:
     with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice on import
         import pyreft
 
-    representations = [
-        {
-            "layer": layer,
-            "component": "block_output",
-            "low_rank_dimension": ctx.rank,
-            "intervention": pyreft.LoreftIntervention(
-                embed_dim=ctx.spec.hidden_size, low_rank_dimension=ctx.rank, dtype=ctx.spec.dtype
-            ),
-        }
-        for layer in range(ctx.spec.num_layers)
-    ]
-    config = pyreft.ReftConfig(representations=representations)
-    reft_model = pyreft.get_reft_model(ctx.fresh_model(), config)
+    representations = [{
+        "layer": layer, "component": "block_output", "low_rank_dimension": ctx.rank,
+        "intervention": pyreft.LoreftIntervention(
+            embed_dim=ctx.spec.hidden_size, low_rank_dimension=ctx.rank, dtype=ctx.spec.dtype),
+    } for layer in range(ctx.spec.num_layers)]
+    reft_model = pyreft.get_reft_model(ctx.fresh_model(),
+                                       pyreft.ReftConfig(representations=representations))
     n_interventions = len(reft_model.interventions)
 
     @functools.cache
     def every_position(batch: int, length: int) -> dict:
-        positions = [[list(range(length))] * batch] * n_interventions
-        return {"sources->base": (None, positions)}
+        return {"sources->base": (None, [[list(range(length))] * batch] * n_interventions)}
 
     def forward(input_ids, labels=None, use_cache=None, **model_kwargs):
-        _, output = reft_model(
-            {"input_ids": input_ids, **model_kwargs},
-            unit_locations=every_position(*input_ids.shape),
-            labels=labels,
-            use_cache=use_cache,
-        )
-        return output
+        return reft_model({"input_ids": input_ids, **model_kwargs},
+                          unit_locations=every_position(*input_ids.shape), labels=labels,
+                          use_cache=use_cache)[1]
 
     return Candidate(reft_model, forward, _trainable(reft_model))
 
@@ -239,11 +171,9 @@ def joint_candidate(ctx: MethodContext) -> Candidate:
 
     backend = "triton" if ctx.device.type == "cuda" and triton_available() else "torch"
     model = get_joint_model(
-        ctx.fresh_model(),
-        SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend),
+        ctx.fresh_model(), SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend),
         lora_config(ctx, JOINT_LORA_TARGETS),
-        OrthogonalityConfig(weight=JOINT_PENALTY_WEIGHT, mode="penalty"),
-    )
+        OrthogonalityConfig(weight=JOINT_PENALTY_WEIGHT, mode="penalty"))
 
     def forward(**model_kwargs):
         output = model(**model_kwargs)
@@ -252,11 +182,6 @@ def joint_candidate(ctx: MethodContext) -> Candidate:
         return output
 
     return Candidate(model, forward, _trainable(model), backend=backend)
-
-
-def full_finetuning_candidate(ctx: MethodContext) -> Candidate:
-    model = ctx.fresh_model().requires_grad_(True)
-    return Candidate(model, model, list(model.parameters()))
 
 
 def floor_candidate(ctx: MethodContext) -> Candidate:
@@ -275,6 +200,11 @@ def floor_candidate(ctx: MethodContext) -> Candidate:
     return Candidate(model, forward)
 
 
+def full_finetuning_candidate(ctx: MethodContext) -> Candidate:
+    model = ctx.fresh_model().requires_grad_(True)
+    return Candidate(model, model, list(model.parameters()))
+
+
 def base_candidate(ctx: MethodContext) -> Candidate:
     model = ctx.fresh_model()
     return Candidate(model, model)
@@ -285,14 +215,6 @@ def fused_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
     return functools.partial(post_block_steer, backend="triton")
 
 
-def torch_path_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
-    return functools.partial(post_block_steer, backend="torch")
-
-
-def eager_reference(device: torch.device) -> Callable[..., torch.Tensor]:
-    return reference_post_block_steer
-
-
 def compiled_reference(device: torch.device) -> Callable[..., torch.Tensor]:
     """``torch.compile`` of the unfused reference, compiled afresh: static shapes, and no
     recompile limit that could quietly fall back to eager after a few grid points."""
@@ -300,39 +222,36 @@ def compiled_reference(device: torch.device) -> Callable[..., torch.Tensor]:
     return torch.compile(reference_post_block_steer, fullgraph=True, dynamic=False)
 
 
-def _fill(table: MethodTable, *rows: tuple[str, str, Callable]) -> None:
-    for name, label, setup in rows:
-        table.register(name, label)(setup)
+def _table(*rows: tuple[str, str, Callable]) -> MethodTable:
+    return MethodTable({name: Method(name, label, setup) for name, label, setup in rows})
 
 
+FUSED, TORCH_PATH = "steer_fast fused (Triton)", "steer_fast torch path"
 steer_fused = functools.partial(steer_candidate, backend="triton")
 steer_torch = functools.partial(steer_candidate, backend="torch")
 lora_qv = functools.partial(lora_candidate, target_modules=LORA_QV)
-lora_all = functools.partial(lora_candidate, target_modules="all-linear")
-_fill(
-    KERNEL_METHODS,
+KERNEL_METHODS = _table(
     ("steer_fast_fused", FUSED, fused_kernel),
-    ("steer_fast_torch", TORCH_PATH, torch_path_kernel),
-    ("eager", "unfused eager", eager_reference),
-    ("torch_compile", "torch.compile(unfused)", compiled_reference),
-)
-_fill(
-    TRAINING_METHODS,
+    ("steer_fast_torch", TORCH_PATH, lambda device: functools.partial(post_block_steer,
+                                                                      backend="torch")),
+    ("eager", "unfused eager", lambda device: reference_post_block_steer),
+    ("torch_compile", "torch.compile(unfused)", compiled_reference))
+TRAINING_METHODS = _table(
     ("steer_fast_fused", FUSED, steer_fused),
     ("steer_fast_torch", TORCH_PATH, steer_torch),
     ("lora_qv", "PEFT LoRA q,v", lora_qv),
-    ("lora_all", "PEFT LoRA all-linear", lora_all),
+    ("lora_all", "PEFT LoRA all-linear", functools.partial(lora_candidate,
+                                                           target_modules="all-linear")),
     ("joint", "joint: LoRA q,v,o,down + steer_fast (penalty 0.1)", joint_candidate),
     ("loreft", "pyreft LoReFT", loreft_candidate),
     ("full_ft", "full fine-tuning", full_finetuning_candidate),
-    ("floor", "floor (frozen, input grads)", floor_candidate),
-)
-_fill(
-    INFERENCE_METHODS,
+    ("floor", "floor (frozen, input grads)", floor_candidate))
+INFERENCE_METHODS = _table(
     ("base", "base model", base_candidate),
     ("steer_fast_fused", FUSED, steer_fused),
     ("steer_fast_torch", TORCH_PATH, steer_torch),
     ("lora_unmerged", "PEFT LoRA q,v unmerged", lora_qv),
-    ("lora_merged", "PEFT LoRA q,v merged", merged_lora_candidate),
-    ("loreft", "pyreft LoReFT", loreft_candidate),
-)
+    ("lora_merged", "PEFT LoRA q,v merged", functools.partial(lora_qv, merge=True)),
+    ("loreft", "pyreft LoReFT", loreft_candidate))
+METHODS = {"kernel": KERNEL_METHODS, "training": TRAINING_METHODS, "inference": INFERENCE_METHODS}
+SUITES: tuple[str, ...] = tuple(METHODS)

@@ -1,34 +1,38 @@
-"""What the training and inference suites share: set up each method on the same model and tokens,
-time its phases in rounds, measure their peak memory and record one row per phase.
+"""The model-level suites, training step and inference: every method on the same model and tokens.
 
-A suite is a ``ModelSuite``: its name (which is also its method table's, ``METHODS[name]``),
-its phases, its timing plan, and ``prepare``, which turns a method's ``Candidate`` into the
-``Phase`` calls to time. A method that cannot be set up, prepared, timed or measured still gets
-its rows, with the status and the reason. With ``settings.interleave`` all methods of the suite
-are set up first and each phase is timed in rounds across them (see ``measure_interleaved``);
-otherwise each method is set up, timed and freed in turn.
+A method that cannot be set up, prepared, timed or measured still gets its rows, with the
+status and the reason. With ``settings.interleave`` all methods of a suite are set up first and
+each phase is timed in rounds across them; otherwise each is set up, timed and freed in turn.
+
+The training step is forward, backward and ``AdamW(lr=1e-4, weight_decay=0)`` for every method.
+Weight decay is off because pyreft's LoReFT keeps the diagonal of its orthogonal parametrization
+at +-1 through an integer cast: decoupled weight decay shrinks it below 1 and turns the rotation
+into zeros after the first step (Hugging Face's Trainer, which pyreft trains with, defaults to 0
+too). Inference times the prefill of the prompt (with ``logits_to_keep=1`` where the model takes
+it, as ``generate`` does) and, from a fresh untimed prefill, the greedy decode through the KV
+cache, per token, under ``torch.inference_mode``. Steering methods act on every position,
+decoded tokens included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .context import RunContext, describe_error, release_memory
-from .memory import measure_peak_memory
-from .methods import METHODS, Candidate, Method, MethodUnavailable
+from .memory import MEASURES, measure_peak_memory, release_memory
+from .methods import METHODS, Candidate, Method, MethodContext
 from .models import make_tokens
-from .presets import TimingPlans
-from .records import BenchmarkRecord
-from .timing import Call, Timing, TimingPlan, measure_interleaved
+from .records import BenchmarkRecord, RunContext, not_run
+from .timing import Call, measure_interleaved, unwrap
+
+LEARNING_RATE = 1e-4
 
 
-@dataclass(frozen=True)
-class Phase:
+class Phase(NamedTuple):
     """One timed call of a prepared method: ``tokens`` processed per call, and ``steps`` the
     call takes (its time is reported per step, e.g. per decoded token)."""
 
@@ -38,30 +42,75 @@ class Phase:
     steps: int = 1
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A method ready to time: its phases, and what it holds (its resident set for memory)."""
+def prepare_step(ctx: RunContext, candidate: Candidate, tokens: torch.Tensor
+                 ) -> tuple[list[Phase], list[Any]]:
+    """The training step to time, after one forward and backward that must give every
+    trainable parameter a finite gradient."""
+    candidate.module.train()
+    optimizer = None  # none without parameters to train
+    if candidate.trainable:
+        optimizer = torch.optim.AdamW(candidate.trainable, lr=LEARNING_RATE, weight_decay=0.0)
+    output = candidate.forward(input_ids=tokens, labels=tokens, use_cache=False)
+    if not torch.isfinite(output.loss):
+        raise RuntimeError(f"the loss is not finite: {output.loss.item()}")
+    output.loss.backward()
+    grads = [p.grad for p in candidate.trainable]
+    missing = sum(g is None for g in grads)
+    broken = sum(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
+    for parameter in candidate.trainable:
+        parameter.grad = None
+    if missing or broken:
+        raise RuntimeError(f"{missing} trainable tensors got no gradient and {broken} a "
+                           "non-finite one")
 
-    method: Method
-    candidate: Candidate
-    phases: list[Phase]
-    resident: list[Any]
+    def step() -> None:
+        output = candidate.forward(input_ids=tokens, labels=tokens, use_cache=False)
+        output.loss.backward()  # the output (logits included) stays alive through the update
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return [Phase(None, Call(step), tokens.numel())], [candidate.module, optimizer, tokens]
 
 
-# prepare(ctx, candidate, tokens) -> (phases, resident); raises when the method cannot run.
-Prepare = Callable[[RunContext, Candidate, torch.Tensor], tuple[list[Phase], list[Any]]]
+def takes_logits_to_keep(candidate: Candidate) -> bool:
+    """Whether the wrapped transformers model accepts ``logits_to_keep``."""
+    return any("logits_to_keep" in inspect.signature(type(m).forward).parameters
+               for m in candidate.module.modules()
+               if hasattr(m, "generate") and hasattr(m, "config") and hasattr(type(m), "forward"))
 
 
-@dataclass(frozen=True)
-class ModelSuite:
-    """A model-level suite: its name (also its method table's), the record ``phase`` of each
-    timed call (None: one unnamed phase), ``prepare`` and its timing plan."""
+def prepare_generation(ctx: RunContext, candidate: Candidate, prompt: torch.Tensor
+                       ) -> tuple[list[Phase], list[Any]]:
+    """The prefill, and the decode steps from a fresh (untimed) prefill, to time."""
+    candidate.module.eval()
+    prefill_kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(candidate) else {}
+    steps = ctx.settings.decode_tokens
+
+    def prefill():
+        return candidate.forward(input_ids=prompt, use_cache=True, **prefill_kwargs)
+
+    def decode(output):
+        for _ in range(steps):
+            token = output.logits[:, -1:].argmax(dim=-1)
+            output = candidate.forward(input_ids=token, past_key_values=output.past_key_values,
+                                       use_cache=True)
+        return output
+
+    phases = [Phase("prefill", Call(prefill), prompt.numel()),
+              Phase("decode", Call(decode, setup=prefill), prompt.shape[0], steps)]
+    return phases, [candidate.module, prompt]
+
+
+class ModelSuite(NamedTuple):
+    """A model-level suite: its name (also its method table's and timing plan's), the record
+    ``phase`` of each timed call (None: one unnamed phase), ``prepare(ctx, candidate, tokens)``
+    (the phases and the resident set; raises when the method cannot run) and ``mode``, entered
+    around each group's set-up, timing and measurement."""
 
     name: str
     phases: tuple[str | None, ...]
-    prepare: Prepare
-    plan: Callable[[TimingPlans], TimingPlan]
-    # Entered around each group's set-up, timing and measurement (e.g. torch.inference_mode).
+    prepare: Callable[..., tuple[list[Phase], list[Any]]]
     mode: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def job_count(self, ctx: RunContext) -> int:
@@ -70,87 +119,56 @@ class ModelSuite:
     def run(self, ctx: RunContext) -> Iterator[BenchmarkRecord]:
         s = ctx.settings
         tokens = make_tokens(s.spec, s.batch, s.seq_len, s.device, s.seed)
-        for group in METHODS[self.name].groups(s.methods, s.interleave):
+        methods = METHODS[self.name].select(s.methods)
+        for group in [methods] if s.interleave else [[method] for method in methods]:
             with self.mode():
                 rows = self._run_group(ctx, group, tokens)
             release_memory(s.device)
             yield from rows
 
-    def _run_group(
-        self, ctx: RunContext, methods: list[Method], tokens: torch.Tensor
-    ) -> list[BenchmarkRecord]:
-        rows: dict[str, list[BenchmarkRecord]] = {}
-        prepared: dict[str, Prepared] = {}
+    def _rows(self, ctx: RunContext, method: Method, **fields: Any) -> list[BenchmarkRecord]:
+        """The rows of a method that did not run, one per phase."""
+        return [ctx.record(self.name, method.name, method.label, phase=phase, **fields)
+                for phase in self.phases]
+
+    def _run_group(self, ctx: RunContext, methods: list[Method], tokens: torch.Tensor
+                   ) -> list[BenchmarkRecord]:
+        s, rows, prepared = ctx.settings, {}, {}
         for method in methods:
             ctx.advance(f"{self.name}: {method.name}")
-            outcome = self._prepare(ctx, method, tokens)
-            if isinstance(outcome, Prepared):
-                prepared[method.name] = outcome
-            else:
-                rows[method.name] = outcome
+            candidate = None
+            try:
+                candidate = method.setup(MethodContext(s.spec, s.device, s.rank, s.activation,
+                                                       s.seed))
+                prepared[method.name] = (candidate, *self.prepare(ctx, candidate, tokens))
+            except Exception as error:  # a method that cannot be set up gets rows that say why
+                rows[method.name] = self._rows(ctx, method, **not_run(error),
+                                               backend=getattr(candidate, "backend", None))
         if len(prepared) > 1:
             ctx.advance(f"{self.name}: timing {len(prepared)} methods in rounds", count=False)
-        plan = self.plan(ctx.settings.timing)
-        timings = [
-            measure_interleaved(
-                {n: p.phases[i].call for n, p in prepared.items()}, ctx.device, plan
-            )
-            for i in range(len(self.phases))
-        ]
-        for name, p in prepared.items():
-            rows[name] = self._record(ctx, p, [timing[name] for timing in timings])
+        timings = [measure_interleaved({n: p[1][i].call for n, p in prepared.items()}, s.device,
+                                       s.timing[self.name]) for i in range(len(self.phases))]
+        for method in (m for m in methods if m.name in prepared):
+            candidate, phases, resident = prepared[method.name]
+            try:
+                times = [unwrap(timing[method.name]) for timing in timings]
+                memory = [measure_peak_memory(phase.call.once, s.device, resident)
+                          for phase in phases]
+            except Exception as error:  # a method that fails here still gets rows that say why
+                rows[method.name] = self._rows(ctx, method, **not_run(error),
+                                               backend=candidate.backend)
+                continue
+            rows[method.name] = []
+            for phase, timing, peak in zip(phases, times, memory):
+                fields = timing.record_fields(1.0 / phase.steps)
+                rows[method.name].append(ctx.record(
+                    self.name, method.name, method.label, phase=phase.name, **fields,
+                    tokens_per_s=phase.tokens / (fields["ms"] * 1e-3), peak_mem_bytes=peak,
+                    memory_measure=MEASURES[s.device.type], backend=candidate.backend,
+                    trainable_params=sum(p.numel() for p in candidate.trainable)))
         return [row for method in methods for row in rows[method.name]]
 
-    def _row(self, ctx: RunContext, method: Method, **fields: Any) -> BenchmarkRecord:
-        return ctx.record(self.name, method.name, method.label, **fields)
 
-    def _failed(
-        self, ctx: RunContext, method: Method, status: str, reason: str, backend: str | None = None
-    ) -> list[BenchmarkRecord]:
-        fields = dict(status=status, reason=reason, backend=backend)
-        return [self._row(ctx, method, phase=phase, **fields) for phase in self.phases]
-
-    def _prepare(
-        self, ctx: RunContext, method: Method, tokens: torch.Tensor
-    ) -> Prepared | list[BenchmarkRecord]:
-        try:
-            candidate = method.setup(ctx.method_context())
-        except MethodUnavailable as reason:
-            return self._failed(ctx, method, "skipped", str(reason))
-        except Exception as error:  # a method that cannot be set up gets rows that say why
-            return self._failed(ctx, method, "failed", describe_error(error))
-        try:
-            phases, resident = self.prepare(ctx, candidate, tokens)
-        except Exception as error:
-            return self._failed(ctx, method, "failed", describe_error(error), candidate.backend)
-        return Prepared(method, candidate, phases, resident)
-
-    def _record(
-        self, ctx: RunContext, p: Prepared, timings: list[Timing | Exception]
-    ) -> list[BenchmarkRecord]:
-        method, backend = p.method, p.candidate.backend
-        try:
-            failure = next((t for t in timings if isinstance(t, Exception)), None)
-            if failure is not None:
-                raise failure
-            memory = [measure_peak_memory(ph.call.once, ctx.device, p.resident) for ph in p.phases]
-        except Exception as error:  # a method that fails here still gets rows that say why
-            return self._failed(ctx, method, "failed", describe_error(error), backend)
-        trainable = sum(parameter.numel() for parameter in p.candidate.trainable)
-        rows = []
-        for phase, timing, peak in zip(p.phases, timings, memory, strict=True):
-            per_step = timing.scaled(1.0 / phase.steps)
-            rows.append(
-                self._row(
-                    ctx,
-                    method,
-                    phase=phase.name,
-                    **per_step.record_fields(),
-                    tokens_per_s=phase.tokens / (per_step.median_ms * 1e-3),
-                    peak_mem_bytes=peak.peak_bytes,
-                    memory_measure=peak.measure,
-                    trainable_params=trainable,
-                    backend=backend,
-                )
-            )
-        return rows
+TRAINING_SUITE = ModelSuite("training", (None,), prepare_step)
+INFERENCE_SUITE = ModelSuite("inference", ("prefill", "decode"), prepare_generation,
+                             torch.inference_mode)

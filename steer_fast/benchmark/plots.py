@@ -22,103 +22,76 @@ def _figure(width: float, height: float, panels: int):
     return figure, figure.subplots(1, panels, squeeze=False)[0]
 
 
-def _title(records: list[BenchmarkRecord], what: str) -> str:
-    r = records[0]
-    return f"{what} - {r.model}, {r.dtype}\n{r.device_name}"
-
-
-def _bars(axis, labels: list[str], values: list[float | None], notes: list[str], xlabel: str):
-    positions = list(range(len(labels)))
-    axis.barh(positions, [v or 0.0 for v in values], color="tab:blue")
-    finite = [v for v in values if v]
-    right = max(finite) if finite else 1.0
-    for y, value, note in zip(positions, values, notes, strict=True):
-        text = f" {format_ms(value)}" if value else f" {note}"
-        axis.text(value or 0.0, y, text, va="center", fontsize=8)
-    axis.set_yticks(positions, labels)
-    axis.invert_yaxis()
-    axis.set_xlim(0, right * 1.35)
-    axis.set_xlabel(xlabel)
-
-
-def _bar_panels(axes, rows_per_panel, values, xlabels) -> None:
-    """One bar panel per list of rows, labelled on the first only."""
-    for axis, rows, value, xlabel in zip(axes, rows_per_panel, values, xlabels, strict=True):
-        labels, notes = [r.label for r in rows], [r.status for r in rows]
-        _bars(axis, labels, [value(r) for r in rows], notes, xlabel)
+def _bar_panels(rows: list[BenchmarkRecord], panels, what: str, path: Path, height: int) -> None:
+    """One horizontal bar panel per (rows, value, x label), labelled on the first only."""
+    figure, axes = _figure(12, 0.5 * height + 1.8, len(panels))
+    for axis, (panel, value, xlabel) in zip(axes, panels):
+        values, positions = [value(r) for r in panel], list(range(len(panel)))
+        axis.barh(positions, [v or 0.0 for v in values], color="tab:blue")
+        for y, v, r in zip(positions, values, panel):
+            axis.text(v or 0.0, y, f" {format_ms(v)}" if v else f" {r.status}", va="center",
+                      fontsize=8)
+        axis.set_yticks(positions, [r.label for r in panel])
+        axis.invert_yaxis()
+        axis.set_xlim(0, max([v for v in values if v] or [1.0]) * 1.35)
+        axis.set_xlabel(xlabel)
     axes[1].set_yticks([])
-
-
-def plot_training(records: list[BenchmarkRecord], path: Path) -> Path | None:
-    rows = [r for r in records if r.suite == "training"]
-    if not rows:
-        return None
-    figure, axes = _figure(12, 0.5 * len(rows) + 1.8, 2)
-    values = (lambda r: r.ms, lambda r: r.peak_mem_bytes / 2**20 if r.peak_mem_bytes else None)
-    xlabels = ("ms per training step (median)", "peak memory (MiB)")
-    _bar_panels(axes, (rows, rows), values, xlabels)
-    figure.suptitle(_title(rows, "Training step"))
+    figure.suptitle(f"{what} - {rows[0].model}, {rows[0].dtype}\n{rows[0].device_name}")
     figure.savefig(path, dpi=120)
-    return path
 
 
-def plot_inference(records: list[BenchmarkRecord], path: Path) -> Path | None:
-    rows = [r for r in records if r.suite == "inference"]
-    if not rows:
-        return None
+def plot_training(rows: list[BenchmarkRecord], path: Path) -> None:
+    memory = lambda r: r.peak_mem_bytes / 2**20 if r.peak_mem_bytes else None
+    panels = [(rows, lambda r: r.ms, "ms per training step (median)"),
+              (rows, memory, "peak memory (MiB)")]
+    _bar_panels(rows, panels, "Training step", path, len(rows))
+
+
+def plot_inference(rows: list[BenchmarkRecord], path: Path) -> None:
     methods = list(dict.fromkeys(r.method for r in rows))
     by_phase = {(r.method, r.phase): r for r in rows}
-    panels = [
-        [by_phase[m, p] for m in methods if (m, p) in by_phase] for p in ("prefill", "decode")
-    ]
-    figure, axes = _figure(12, 0.5 * len(methods) + 1.8, 2)
-    xlabels = ("prefill ms (median)", "decode ms per token (median)")
-    _bar_panels(axes, panels, (lambda r: r.ms, lambda r: r.ms), xlabels)
-    figure.suptitle(_title(rows, "Inference"))
-    figure.savefig(path, dpi=120)
-    return path
+    panels = [([by_phase[m, phase] for m in methods], lambda r: r.ms, xlabel) for phase, xlabel
+              in (("prefill", "prefill ms (median)"), ("decode", "decode ms per token (median)"))]
+    _bar_panels(rows, panels, "Inference", path, len(methods))
 
 
-def plot_kernel(records: list[BenchmarkRecord], path: Path) -> Path | None:
+def plot_kernel(records: list[BenchmarkRecord], path: Path) -> None:
     """Achieved bandwidth (minimum bytes / time) against minimum bytes, per pass and method."""
-    rows = [r for r in records if r.suite == "kernel" and r.pass_ is not None]
-    if not rows:
-        return None
-    copy = next((r for r in records if r.suite == "kernel" and r.method == "copy" and r.ok), None)
+    rows = [r for r in records if r.pass_ is not None]
+    copy = next((r for r in records if r.method == "copy" and r.ok), None)
     passes = list(dict.fromkeys(r.pass_ for r in rows))
     labels = {r.method: r.label for r in rows if r.method != "roofline"}
     figure, axes = _figure(6 * len(passes), 4.5, len(passes))
-    for axis, pass_ in zip(axes, passes, strict=True):
+    for axis, pass_ in zip(axes, passes):
         for method, label in labels.items():
-            points = sorted(
-                (r.min_bytes / 2**20, r.gbps)
-                for r in rows
-                if r.pass_ == pass_ and r.method == method and r.ok
-            )
+            points = sorted((r.min_bytes / 2**20, r.gbps) for r in rows
+                            if r.pass_ == pass_ and r.method == method and r.ok)
             if points:
-                x, y = zip(*points, strict=True)
-                axis.scatter(x, y, marker=MARKERS.get(method, "x"), label=label, alpha=0.8)
+                axis.scatter(*zip(*points), marker=MARKERS.get(method, "x"), label=label,
+                             alpha=0.8)
         if copy is not None:
-            bandwidth = f"copy bandwidth {copy.gbps:.1f} GB/s"
-            axis.axhline(copy.gbps, color="black", linestyle="--", linewidth=1, label=bandwidth)
+            axis.axhline(copy.gbps, color="black", linestyle="--", linewidth=1,
+                         label=f"copy bandwidth {copy.gbps:.1f} GB/s")
         axis.set_xscale("log")
         axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.set_xlabel("minimum bytes moved (MiB)")
-        axis.set_ylabel("GB/s at minimum traffic")
-        axis.set_title(pass_)
+        axis.set(xlabel="minimum bytes moved (MiB)", ylabel="GB/s at minimum traffic", title=pass_)
         axis.legend(fontsize=8)
     skipped = sorted({r.label for r in rows if not r.ok})
     suffix = f"\nnot run here: {', '.join(skipped)}" if skipped else ""
     figure.suptitle(f"post_block_steer kernel\n{rows[0].device_name}{suffix}")
     figure.savefig(path, dpi=120)
-    return path
+
+
+PLOTS = {"training": plot_training, "inference": plot_inference, "kernel": plot_kernel}
 
 
 def write_plots(records: list[BenchmarkRecord], folder: Path) -> list[Path]:
     """training.png, inference.png and kernel.png for the suites present in ``records``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = ("training.png", "inference.png", "kernel.png")
-    plots = zip(names, (plot_training, plot_inference, plot_kernel), strict=True)
-    written = [plot(records, folder / name) for name, plot in plots]
-    return [path for path in written if path is not None]
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    written = []
+    for suite, plot in PLOTS.items():
+        rows = [r for r in records if r.suite == suite]
+        if rows:
+            plot(rows, Path(folder) / f"{suite}.png")
+            written.append(Path(folder) / f"{suite}.png")
+    return written

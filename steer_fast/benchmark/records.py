@@ -4,31 +4,39 @@ Every record carries its context (suite, method, model, device, shapes, versions
 line), so a list of records from several runs and machines can be concatenated and compared.
 A method that did not run still has a record: ``status`` is "skipped" (it cannot run here, e.g.
 the Triton path without CUDA) or "failed" (it raised), and ``reason`` says why; its measured
-fields are None.
+fields are None. The suites make their records through the run's ``RunContext``.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
+import platform
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-STATUSES = ("ok", "skipped", "failed")
+import torch
+
+from .methods import MethodUnavailable
+
+if TYPE_CHECKING:
+    from .settings import BenchmarkSettings
 
 
 @dataclass
 class BenchmarkRecord:
-    """One row of results.
-
-    Times are milliseconds: ``ms`` the median, ``ms_min``/``ms_max`` the spread over ``repeats``
-    measured calls. ``tokens_per_s`` counts the tokens the call processed (batch x seq_len for
-    a training step or a prefill, batch per decoded token). ``peak_mem_bytes`` is measured as
-    ``memory_measure`` says. Kernel-suite rows also fill ``pass_``, ``tokens``, ``hidden_size``,
-    ``residual``, ``min_bytes``, ``gbps`` (minimum bytes over the measured time) and
-    ``roofline_pct``; inference rows fill ``phase``.
-    """
+    """One row of results. Times are milliseconds: ``ms`` the median, ``ms_min``/``ms_max``
+    the spread over ``repeats`` measured calls. ``tokens_per_s`` counts the tokens the call
+    processed (batch x seq_len for a training step or a prefill, batch per decoded token).
+    ``peak_mem_bytes`` is measured as ``memory_measure`` says. Kernel rows also fill ``pass_``
+    to ``roofline_pct`` (``gbps``: minimum bytes over the measured time); inference rows fill
+    ``phase``."""
 
     suite: str
     method: str
@@ -41,7 +49,7 @@ class BenchmarkRecord:
     seq_len: int
     rank: int | None
     activation: str | None
-    status: str = "ok"
+    status: str = "ok"  # "ok", "skipped" or "failed"
     reason: str | None = None
     ms: float | None = None
     ms_min: float | None = None
@@ -72,51 +80,89 @@ class BenchmarkRecord:
     timestamp: str = ""
     command: str = ""
 
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
-        if self.status != "ok" and not self.reason:
-            raise ValueError(f"a record with status {self.status!r} needs a reason")
-
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BenchmarkRecord:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(BenchmarkRecord))
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename (never a half-written file), with
-    the usual permissions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def device_name(device: torch.device) -> str:
+    """The GPU's marketing name, or the CPU's model name and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine() or "unknown CPU"
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates files readable by the owner only
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict[str, str | None]:
+    """Where the numbers come from, as the record fields copied into every record."""
+    versions = {f"{name}_version": package_version(name)
+                for name in ("triton", "transformers", "peft", "pyreft", "steer_fast")}
+    return dict(device=str(device), device_name=device_name(device), host=socket.gethostname(),
+                python_version=sys.version.split()[0], torch_version=torch.__version__, **versions)
+
+
+@dataclass
+class RunContext:
+    settings: BenchmarkSettings
+    environment: dict[str, Any]
+    timestamp: str = field(default_factory=lambda: datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"))
+    # advance(description, count=True): a new job starts (count=False: only a new description).
+    advance: Callable[..., None] = lambda description, count=True: None
+
+    def record(self, suite: str, method: str, label: str, **fields: Any) -> BenchmarkRecord:
+        """A record with the run's context filled in; ``fields`` set or override the rest."""
+        s = self.settings
+        context = dict(suite=suite, method=method, label=label, model=s.spec.name,
+                       dtype=s.dtype_name, batch=s.batch, seq_len=s.seq_len, rank=s.rank,
+                       activation=s.activation, timestamp=self.timestamp, command=s.command,
+                       **self.environment)
+        return BenchmarkRecord(**{**context, **fields})
+
+
+def not_run(error: Exception) -> dict[str, str]:
+    """The status and reason of the rows of a method that did not run: "skipped" when it cannot
+    run here, else "failed" with the exception's type and the first line of its message."""
+    if isinstance(error, MethodUnavailable):
+        return dict(status="skipped", reason=str(error))
+    message = str(error).strip().splitlines()
+    return dict(status="failed",
+                reason=f"{type(error).__name__}: {message[0] if message else ''}".rstrip(": "))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename: never a half-written file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_records(path: Path, records: list[BenchmarkRecord]) -> None:
-    """results.json: the records as a JSON list, written atomically."""
-    write_text_atomic(path, json.dumps([r.as_dict() for r in records], indent=1) + "\n")
+    write_text_atomic(path, json.dumps([asdict(r) for r in records], indent=1) + "\n")
 
 
 def load_records(path: Path) -> list[BenchmarkRecord]:
+    """The records of a results.json; fields this version does not know are dropped."""
     with open(path, encoding="utf-8") as handle:
-        return [BenchmarkRecord.from_dict(row) for row in json.load(handle)]
+        return [BenchmarkRecord(**{k: v for k, v in row.items() if k in RECORD_FIELDS})
+                for row in json.load(handle)]
