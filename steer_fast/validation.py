@@ -97,6 +97,14 @@ def check_inputs(
         if tuple(up_bias.shape) != (hidden_size,):
             raise ValueError(f"up_bias must be [{hidden_size}], got {tuple(up_bias.shape)}")
         tensors["up_bias"] = up_bias
+    _check_residual_and_agreement(hidden, residual, tensors)
+
+
+def _check_residual_and_agreement(
+    hidden: torch.Tensor, residual: torch.Tensor | None, tensors: dict[str, torch.Tensor]
+) -> None:
+    """residual shaped like hidden; every tensor (``tensors`` and residual) in hidden's dtype
+    and on its device."""
     if residual is not None:
         _check_tensor("residual", residual, (2, 3))
         if residual.shape != hidden.shape:
@@ -104,7 +112,7 @@ def check_inputs(
                 f"residual must have hidden's shape {tuple(hidden.shape)}, "
                 f"got {tuple(residual.shape)}"
             )
-        tensors["residual"] = residual
+        tensors = {**tensors, "residual": residual}
     for name, tensor in tensors.items():
         if tensor.dtype != hidden.dtype:
             raise ValueError(
@@ -146,22 +154,4 @@ def check_vector_inputs(
             f"got {tuple(bias.shape)}"
         )
     tensors = {"bias": bias}
-    if residual is not None:
-        _check_tensor("residual", residual, (2, 3))
-        if residual.shape != hidden.shape:
-            raise ValueError(
-                f"residual must have hidden's shape {tuple(hidden.shape)}, "
-                f"got {tuple(residual.shape)}"
-            )
-        tensors["residual"] = residual
-    for name, tensor in tensors.items():
-        if tensor.dtype != hidden.dtype:
-            raise ValueError(
-                f"{name} has dtype {tensor.dtype} but hidden has {hidden.dtype}: "
-                "all tensors must share one dtype"
-            )
-        if tensor.device != hidden.device:
-            raise ValueError(
-                f"{name} is on {tensor.device} but hidden is on {hidden.device}: "
-                "all tensors must be on one device"
-            )
+    _check_residual_and_agreement(hidden, residual, tensors)
