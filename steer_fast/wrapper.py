@@ -18,11 +18,18 @@ The verbs a PEFT user types mean what they mean in PEFT, on both models:
 
 ``disable_steering()`` switches the steering part alone off (the LoRA part of a JointModel keeps
 running).
+
+For the tools that take the wrapper for a transformers model: the forward TRL's trainers install
+for their fused LM head runs on the transformers model (``__setattr__``), ``_no_split_modules``
+names SteeredBlock for FSDP's transformer-based wrap, and ``steering_tensors()`` gathers
+adapters that FSDP2 shards (``steer_fast.distributed`` has the rest).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +37,7 @@ import torch
 from torch import nn
 
 from .adapter import Steering
-from .block import adapter_attribute
+from .block import SteeredBlock, adapter_attribute
 from .saved_state import (
     EXTRA_STATE_KEY,
     decode_state,
@@ -38,10 +45,10 @@ from .saved_state import (
     is_adapter_key,
     steering_file_key,
 )
+from .shims import trl_fused_lm_head
 from .validation import check_scale
 
 if TYPE_CHECKING:
-    from .block import SteeredBlock
     from .config import SteerConfig
 
 
@@ -113,6 +120,36 @@ class SteeringWrapper(nn.Module):
                     f"this {type(self).__name__} has no model (it was unloaded)"
                 ) from None
             return getattr(self._wrapped(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """nn.Module's, except for the forward TRL's trainers install to compute log-probabilities
+        with a fused LM head (``shims.trl_fused_lm_head``). TRL writes that function for a
+        transformers model: it reads ``self.base_model`` as transformers means it (the decoder
+        backbone) and ``self.get_output_embeddings()``. It is therefore run with the
+        transformers model (``get_base_model()``) as ``self``, so that it runs the backbone's
+        layers, steered blocks included; without ``fused_lm_head=True`` it calls this wrapper's
+        forward, as before."""
+        if name == "forward":
+            function = trl_fused_lm_head(value, self)
+            if function is not None:
+                value = types.MethodType(_on_transformers_model(function), self)
+        super().__setattr__(name, value)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The class names of the modules that must stay whole: the wrapped model's, with
+        SteeredBlock in place of the class of the layers it steers.
+
+        accelerate's transformer-based FSDP wrap (the Trainer's default with ``fsdp``) shards
+        the modules of these classes, so a steered model is sharded per SteeredBlock, its
+        adapters inside, and never inside one: a steered block runs its original layer's
+        submodules itself. A decoder layer left unsteered stays in the root unit there (its
+        class is that of the layers inside the blocks); ``steer_fast.distributed`` gives
+        per-layer units for those.
+        """
+        names = getattr(self.get_base_model(), "_no_split_modules", None) or []
+        steered = {type(block.base_layer).__name__ for block in self._steered_blocks().values()}
+        return [name for name in names if name not in steered] + [SteeredBlock.__name__]
 
     def forward(
         self,
@@ -313,12 +350,15 @@ class SteeringWrapper(nn.Module):
 
     def steering_tensors(self) -> dict[str, torch.Tensor]:
         """Every steering tensor on the CPU, keyed as in steer_model.safetensors
-        (``steering_file_key``: "layers.{index}.{down,up}.{weight,bias}" at site "block")."""
+        (``steering_file_key``: "layers.{index}.{down,up}.{weight,bias}" at site "block").
+
+        Tensors sharded by FSDP2 (DTensors) are gathered whole: under FSDP2 every process
+        calls this (a collective)."""
         tensors = {}
         for index, site, adapter in self._all_adapters():
             for name, tensor in adapter.state_dict().items():
                 key = steering_file_key(index, site, name)
-                tensors[key] = tensor.detach().to("cpu").contiguous()
+                tensors[key] = full_tensor(tensor.detach()).to("cpu").contiguous()
         return tensors
 
     def load_steering_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -327,6 +367,30 @@ class SteeringWrapper(nn.Module):
             for index, site, adapter in self._all_adapters():
                 for name, parameter in adapter.state_dict(keep_vars=True).items():
                     parameter.copy_(tensors[steering_file_key(index, site, name)])
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor (a parameter FSDP2 shards) gathered whole, a collective every process of its
+    mesh runs; any other tensor as it is."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(tensor, DTensor):
+            return tensor.full_tensor()
+    return tensor
+
+
+def _on_transformers_model(function: Any) -> Any:
+    """``function``, a method written for a transformers model, as a method of the wrapper: it
+    calls ``function`` with the wrapped transformers model as ``self``. Whoever binds it again
+    (accelerate's mixed-precision wrapper rebinds a model's forward) binds it to the wrapper,
+    and it still reaches the transformers model."""
+
+    @functools.wraps(function)
+    def forward(wrapper: SteeringWrapper, *args: Any, **kwargs: Any) -> Any:
+        return function(wrapper.get_base_model(), *args, **kwargs)
+
+    return forward
 
 
 _CANNOT_MERGE = (

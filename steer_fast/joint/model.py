@@ -39,6 +39,7 @@ from torch import nn
 
 from ..block import is_steering_parameter
 from ..config import SteerConfig
+from ..distributed import is_main_process as default_is_main_process
 from ..injection import apply_steering_plan, remove_steering
 from ..orthogonality import OrthogonalityConfig
 from ..saved_state import (
@@ -52,7 +53,7 @@ from ..saved_state import (
 from ..saving import save_directory_atomically
 from ..shims import peft_adapter_layers_enabled
 from ..validation import check_learning_rate
-from ..wrapper import SteeringWrapper
+from ..wrapper import SteeringWrapper, full_tensor
 from .constraint import LORA_ADAPTER_NAME, OrthogonalityConstraint
 from .files import (
     JOINT_CONFIG_NAME,
@@ -361,11 +362,13 @@ class JointModel(SteeringWrapper):
         """PEFT's adapter state dict, with the keys of the model without steering."""
         state = get_peft_model_state_dict(self.peft_model, adapter_name=LORA_ADAPTER_NAME)
         return {
-            self.key_map.to_saved(key): tensor.detach().to("cpu").clone().contiguous()
+            self.key_map.to_saved(key): full_tensor(tensor.detach()).to("cpu").clone().contiguous()
             for key, tensor in state.items()
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool | None = None
+    ) -> None:
         """Write both parts to ``save_directory`` (see ``steer_fast.joint.files``): PEFT's
         adapter_config.json and adapter_model.safetensors (``peft.PeftModel.from_pretrained``
         loads the LoRA part alone), steer_fast's steer_config.json and steer_model.safetensors,
@@ -373,10 +376,14 @@ class JointModel(SteeringWrapper):
 
         The files are written to a new directory beside it, which then takes its place in one
         rename; other files in an existing ``save_directory`` are carried over. A failed save
-        leaves an existing directory as it was.
+        leaves an existing directory as it was. On several processes only the main one writes
+        (``is_main_process``, by default rank 0); under FSDP2 every process must call it, since
+        the sharded tensors are gathered first.
         """
         lora_tensors = self._lora_tensors()
         steering_tensors = self.steering_tensors()
+        if not (default_is_main_process() if is_main_process is None else is_main_process):
+            return
         peft_config, auto_mapping = peft_config_to_save(self.lora_config, self.get_base_model())
         joint_text = json.dumps(self._joint_values(), indent=2, sort_keys=True) + "\n"
 
