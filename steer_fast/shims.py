@@ -86,8 +86,15 @@ def _call_instance_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def checkpointing_active(layer: nn.Module, training: bool) -> bool:
     """Whether ``layer`` is set to be gradient-checkpointed now: its ``gradient_checkpointing``
-    flag, which ``gradient_checkpointing_enable()`` sets on every layer it covers."""
-    return bool(getattr(layer, "gradient_checkpointing", False)) and training
+    flag, which ``gradient_checkpointing_enable()`` sets on every layer it covers, in training
+    mode with gradients enabled."""
+    # Without gradients there is no backward to replay the layer, so it runs as it is (as
+    # transformers' own wrapper does, e.g. when generating from a model in training mode).
+    return (
+        bool(getattr(layer, "gradient_checkpointing", False))
+        and training
+        and torch.is_grad_enabled()
+    )
 
 
 def checkpointed_call(
@@ -102,7 +109,8 @@ def checkpointed_call(
     if kwargs.get("use_cache"):
         kwargs["use_cache"] = False
     if not getattr(layer, "_can_checkpoint_with_cache", False):
-        for name in ("past_key_values", "layer_past"):
+        # The cache's name differs between transformers versions and layers.
+        for name in ("past_key_values", "cache", "layer_past"):
             if kwargs.get(name) is not None:
                 kwargs[name] = None
     return layer._gradient_checkpointing_func(functools.partial(function, **kwargs), *args)

@@ -91,13 +91,18 @@ def test_gradient_checkpointing_enable_sets_what_checkpointed_call_uses():
 
     hidden = torch.randn(2, 3, requires_grad=True)
     out = checkpointed_call(
-        layers[0], function, (hidden,), {"use_cache": True, "past_key_values": "cache"}
+        layers[0],
+        function,
+        (hidden,),
+        {"use_cache": True, "past_key_values": "cache", "cache": "cache"},
     )
     out.sum().backward()
     assert torch.equal(hidden.grad, torch.full((2, 3), 3.0))
     assert seen["use_cache"] is False
     expected_cache = "cache" if layers[0]._can_checkpoint_with_cache else None
-    assert seen["past_key_values"] == expected_cache
+    assert seen["past_key_values"] == seen["cache"] == expected_cache
+    with torch.no_grad():  # no backward to replay: transformers runs the layer as it is
+        assert not checkpointing_active(layers[0], True)
 
 
 def test_shared_hook_dicts_fire_once_and_stay_on_the_layer():
@@ -173,3 +178,23 @@ def test_trainer_attributes_the_loss_scaling_rule_reads(tmp_path):
     assert trainer_loss_is_scaled(trainer, num_items_in_batch=torch.tensor(10)) is True
     trainer.train()
     assert trainer_accumulation_steps(trainer) == 2
+
+
+def test_checkpointed_call_clears_every_cache_name_transformers_clears():
+    """transformers' own checkpointing wrapper drops the cache under names that vary by version;
+    checkpointed_call must drop at least those (read from its source, so a new name fails here)."""
+    import inspect
+    import re
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    source = inspect.getsource(GradientCheckpointingLayer)
+    cleared = set(re.findall(r'kwargs\["(\w+)"\] = None', source))
+    assert cleared, "transformers' checkpointing wrapper changed shape"
+    seen = {}
+    layer = nn.Linear(2, 2)
+    layer._gradient_checkpointing_func = lambda function, *args: function(*args)
+    checkpointed_call(
+        layer, lambda x, **kwargs: seen.update(kwargs), (torch.ones(2),), dict.fromkeys(cleared, 1)
+    )
+    assert all(seen[name] is None for name in cleared), seen
