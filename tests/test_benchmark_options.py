@@ -9,6 +9,7 @@ import pytest
 
 import steer_fast.benchmark
 from steer_fast.benchmark import METHODS, SUITES, BenchmarkOptions, BenchmarkSettings
+from steer_fast.benchmark.settings import invoked_as
 from steer_fast.cli import build_parser, options_from_args
 
 OPTIONS = [f for f in dataclasses.fields(BenchmarkOptions) if "help" in f.metadata]
@@ -28,14 +29,18 @@ def test_every_option_has_help_and_its_default_on_the_command_line(capsys):
             shown = option.metadata["shown"] if option.default is None else option.default
             assert f"(default: {shown})" in help_text, option.name
     for flag in ("--batch", "--seq-len", "--decode-tokens", "--seed", "--kernel-tokens",
-                 "--kernel-hidden", "--list", "--no-progress"):  # fmt: skip
+                 "--kernel-hidden", "--list", "--no-progress", "--quick", "--full"):  # fmt: skip
         assert flag in help_text
+    assert "--device {cpu,cuda,cuda:N}" in help_text
+    assert "(default: 1 on the CPU, as the committed CPU results" in help_text
+    assert "(default: ./steer-fast-bench/<device>-<date>/ in the current directory" in help_text
 
 
 def test_command_line_maps_onto_the_options():
     argv = ["bench", "--suites", "kernel,training", "--no-plots", "--no-interleave",
             "--kernel-hidden", "32", "64", "--kernel-tokens", "16,8", "--rank", "4"]  # fmt: skip
-    options = options_from_args(build_parser().parse_args(argv), argv)
+    options = options_from_args(build_parser().parse_args(argv),
+                                invoked_as(argv, program="steer-fast"))
     assert options.suites == ["kernel", "training"]
     assert options.plots is False and options.interleave is False and options.quick is False
     assert options.kernel_hidden_sizes == [32, 64] and options.kernel_tokens == [16, 8]

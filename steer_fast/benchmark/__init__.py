@@ -1,4 +1,4 @@
-"""steer_fast.benchmark: post-block steering measured against LoRA, LoReFT and the floor.
+"""steer_fast.benchmark: post-block steering against forward hooks, LoRA, LoReFT and the floor.
 
 Three suites, one command (``steer-fast bench``, or ``python -m steer_fast bench``):
 
@@ -6,6 +6,9 @@ Three suites, one command (``steer-fast bench``, or ``python -m steer_fast bench
   the memory roofline;
 - training: one forward + backward + AdamW step per method on the same model and batch;
 - inference: prefill latency and KV-cache decode time per token.
+
+Every timing cell keeps its spread and is marked noisy when its repeats look like a shared
+machine (``timing.Spread``); the run checks the machine before and after (``machine``).
 
     from steer_fast.benchmark import BenchmarkSettings, run_benchmarks
     run = run_benchmarks(BenchmarkSettings.create(suites=["training"], quick=True))

@@ -19,7 +19,7 @@ import torch
 
 from ..traffic import minimum_backward_bytes, minimum_forward_bytes
 from .memory import MEASURES, measure_peak_memory, release_memory
-from .methods import KERNEL_METHODS
+from .methods import KERNEL_METHODS, expected_to_run
 from .records import BenchmarkRecord, RunContext, not_run
 from .timing import Call, copy_bandwidth, measure_interleaved, unwrap
 
@@ -27,6 +27,11 @@ PASSES: tuple[str, ...] = ("forward", "forward+backward")
 KERNEL_MODEL = "post_block_steer"  # kernel rows time the op alone, not the model
 SCALE = 0.5
 BACKENDS = {"steer_fast_fused": "triton", "steer_fast_torch": "torch"}
+# Rough costs for the time estimate, by device type: torch.compile of the reference per case
+# and pass, the profiler's own time per peak-memory call, the bandwidth of elementwise work.
+COMPILED, COMPILE_S = ("torch_compile",), {"cpu": 2.0, "cuda": 10.0}
+PROFILER_S = {"cpu": 0.05, "cuda": 0.0}
+ELEMENTWISE_BYTES_PER_S = {"cpu": 5e9, "cuda": 1e12}
 
 
 class KernelCase(NamedTuple):
@@ -45,6 +50,12 @@ class KernelCase(NamedTuple):
         if pass_ == "forward":
             return forward
         return forward + minimum_backward_bytes(self.tokens, self.hidden_size, element)
+
+    def flops(self, pass_: str) -> int:
+        """Multiply-adds x 2 of the pass: D h and U z forward; the backward's four products,
+        and the rebuild of h from the output, about five more."""
+        products = 2 if pass_ == "forward" else 7
+        return 2 * products * self.tokens * self.hidden_size * self.rank
 
 
 def kernel_inputs(case: KernelCase, device: torch.device, seed: int) -> dict[str, Any]:
@@ -79,9 +90,21 @@ def grid_cases(ctx: RunContext) -> list[KernelCase]:
     return [KernelCase(*values) for values in itertools.product(*ctx.settings.kernel_grid)]
 
 
-def kernel_job_count(ctx: RunContext) -> int:
-    methods = KERNEL_METHODS.select(ctx.settings.methods)
-    return 1 + len(grid_cases(ctx)) * len(PASSES) * len(methods) if methods else 0
+def estimate_s(ctx: RunContext, flops_per_s: float) -> float:
+    """The suite's expected seconds: a second for the copy probe, then per case, pass and
+    implementation that should run here the warm-ups, the repeats the timing plan buys and the
+    peak-memory call; each call timed as the case's FLOPs at ``flops_per_s`` plus three times
+    its minimum bytes at a typical bandwidth; and torch.compile's compile per case and pass."""
+    s, kind = ctx.settings, ctx.settings.device.type
+    methods = [m for m in KERNEL_METHODS.select(s.methods) if expected_to_run(m, s.device)]
+    total, plan = (1.0 if methods else 0.0), s.timing["kernel"]
+    for case, pass_ in itertools.product(grid_cases(ctx), PASSES):
+        t = (case.flops(pass_) / flops_per_s
+             + 3 * case.min_bytes(pass_) / ELEMENTWISE_BYTES_PER_S[kind])
+        for method in methods:
+            total += ((plan.warmup + plan.repeats_for(t) + 1) * t + PROFILER_S[kind]
+                      + COMPILE_S[kind] * (method.name in COMPILED))
+    return total
 
 
 def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
@@ -89,14 +112,15 @@ def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
     methods, device = KERNEL_METHODS.select(ctx.settings.methods), ctx.settings.device
     if not methods:
         return
-    ctx.advance("kernel: copy bandwidth")
+    ctx.describe("kernel: copy bandwidth")
     bandwidth = copy_bandwidth(device)
     bytes_per_s = bandwidth.bytes_per_s
     yield ctx.record("kernel", "copy", "tensor copy (bandwidth probe)", model=KERNEL_MODEL,
                      batch=1, seq_len=bandwidth.bytes_moved // 2, rank=None, activation=None,
                      dtype="float32", **bandwidth.timing.record_fields(),
                      min_bytes=bandwidth.bytes_moved, gbps=bytes_per_s / 1e9, roofline_pct=100.0)
-    for case in grid_cases(ctx):
+    cases = grid_cases(ctx)
+    for index, case in enumerate(cases):
         inputs = kernel_inputs(case, device, ctx.settings.seed)
         resident = [t for t in inputs.values() if t is not None]
         steers: dict[str, Any] = {}
@@ -121,12 +145,12 @@ def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
                       gbps=bytes_per_s / 1e9, roofline_pct=100.0)
             calls = {name: Call(pass_function(steer, case, inputs, pass_))
                      for name, steer in steers.items() if not isinstance(steer, Exception)}
-            ctx.advance(f"kernel: {pass_} {described}", count=False)
+            ctx.describe(f"kernel {index + 1}/{len(cases)}: {pass_} {described}")
             groups = [calls] if ctx.settings.interleave else [{n: c} for n, c in calls.items()]
             timings = {name: timing for group in groups for name, timing in measure_interleaved(
-                group, device, ctx.settings.timing["kernel"], flush_l2=True).items()}
+                group, device, ctx.settings.timing["kernel"], flush_l2=True,
+                on_round=ctx.timing_left).items()}
             for method in methods:
-                ctx.advance(f"kernel: {method.name} {pass_} {described}")
                 try:
                     unwrap(steers[method.name])
                     timing = unwrap(timings[method.name])
@@ -142,3 +166,4 @@ def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
                           backend=BACKENDS.get(method.name))
         del inputs, resident, steers, calls
         release_memory(device)
+        ctx.part_done((index + 1) / len(cases))

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .. import OrthogonalityConfig, PostBlockAdapter, SteerConfig, get_steer_model
+from ..activations import activate
+from ..injection import find_decoder_layers
 from ..ops import post_block_steer, resolve_backend, triton_available
 from ..reference import reference_post_block_steer
 from .models import ModelSpec, build_model
@@ -72,16 +74,18 @@ class Method(NamedTuple):
     name: str
     label: str  # what reports call it
     setup: Callable[[Any], Any]  # setup(MethodContext), or setup(device) for a kernel
+    cuda_only: bool = False  # skipped without CUDA (what a run's time estimate leaves out)
 
 
 class MethodTable(dict[str, Method]):
     """One suite's methods by name, in registration order (the order of the report's rows)."""
 
-    def register(self, name: str, label: str) -> Callable[[Callable], Callable]:
+    def register(self, name: str, label: str, cuda_only: bool = False
+                 ) -> Callable[[Callable], Callable]:
         """A decorator that adds ``setup`` under ``name``."""
         if name in self:
             raise ValueError(f"method {name!r} is already registered")
-        return lambda setup: self.setdefault(name, Method(name, label, setup)).setup
+        return lambda setup: self.setdefault(name, Method(name, label, setup, cuda_only)).setup
 
     def select(self, names: Iterable[str] | None) -> list[Method]:
         """The named methods (all when ``names`` is None), in table order."""
@@ -94,6 +98,12 @@ def require_triton(device: torch.device) -> None:
         raise MethodUnavailable(TRITON_NEEDS_CUDA)
     if not triton_available():
         raise MethodUnavailable("triton is not installed")
+
+
+def expected_to_run(method: Method, device: torch.device) -> bool:
+    """Whether ``method`` should run on ``device``: False when it will be skipped for want of
+    CUDA (what a run's time estimate leaves out)."""
+    return not method.cuda_only or (device.type == "cuda" and triton_available())
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -112,6 +122,39 @@ def steer_candidate(ctx: MethodContext, backend: str) -> Candidate:
     probe = torch.empty(1, ctx.spec.hidden_size, device=ctx.device, dtype=ctx.spec.dtype)
     used = sorted({resolve_backend(probe, adapter.backend) for adapter in adapters})
     return Candidate(model, model, _trainable(model), backend="/".join(used))
+
+
+def _steer_output(adapter: PostBlockAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    """h + s * (U phi(D h + b_d) + b_u), in eager PyTorch."""
+    return hidden + adapter.scale * adapter.up(activate(adapter.down(hidden), adapter.activation))
+
+
+def hooks_candidate(ctx: MethodContext) -> Candidate:
+    """Post-block steering written the way the published code writes it: a forward hook on each
+    decoder layer adds s * (U phi(D h + b_d) + b_u) to the layer's output h, in eager PyTorch.
+
+    The adapters are the ones ``steer_candidate`` trains: built by ``get_steer_model`` with the
+    same config from the same model and seed (so the same weights), then taken off the model
+    with ``unload()``; only their ``down`` and ``up`` linears are used, by the hooks.
+    """
+    steered = get_steer_model(ctx.fresh_model(), SteerConfig(rank=ctx.rank,
+                                                             activation=ctx.activation))
+    adapters = steered.get_adapters()
+    model = steered.unload().requires_grad_(False)
+    _, layers = find_decoder_layers(model)
+
+    def hook(adapter: PostBlockAdapter) -> Callable[..., Any]:
+        def steer(module: nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):  # layers that also return attention weights or a cache
+                return (_steer_output(adapter, output[0]), *output[1:])
+            return _steer_output(adapter, output)
+        return steer
+
+    for index, adapter in adapters.items():
+        layers[index].register_forward_hook(hook(adapter))
+    steering = nn.ModuleList(adapters.values()).requires_grad_(True)
+    return Candidate(nn.ModuleDict(dict(model=model, steering=steering)), model,
+                     _trainable(steering))
 
 
 def lora_config(ctx: MethodContext, target_modules: list[str] | str):
@@ -222,23 +265,26 @@ def compiled_reference(device: torch.device) -> Callable[..., torch.Tensor]:
     return torch.compile(reference_post_block_steer, fullgraph=True, dynamic=False)
 
 
-def _table(*rows: tuple[str, str, Callable]) -> MethodTable:
-    return MethodTable({name: Method(name, label, setup) for name, label, setup in rows})
+def _table(*rows: tuple) -> MethodTable:
+    """A table of (name, label, setup[, cuda_only]) rows."""
+    return MethodTable({row[0]: Method(*row) for row in rows})
 
 
 FUSED, TORCH_PATH = "steer_fast fused (Triton)", "steer_fast torch path"
+HOOKS = "forward hooks, eager (the published code's form)"
 steer_fused = functools.partial(steer_candidate, backend="triton")
 steer_torch = functools.partial(steer_candidate, backend="torch")
 lora_qv = functools.partial(lora_candidate, target_modules=LORA_QV)
 KERNEL_METHODS = _table(
-    ("steer_fast_fused", FUSED, fused_kernel),
+    ("steer_fast_fused", FUSED, fused_kernel, True),
     ("steer_fast_torch", TORCH_PATH, lambda device: functools.partial(post_block_steer,
                                                                       backend="torch")),
     ("eager", "unfused eager", lambda device: reference_post_block_steer),
     ("torch_compile", "torch.compile(unfused)", compiled_reference))
 TRAINING_METHODS = _table(
-    ("steer_fast_fused", FUSED, steer_fused),
+    ("steer_fast_fused", FUSED, steer_fused, True),
     ("steer_fast_torch", TORCH_PATH, steer_torch),
+    ("hooks_eager", HOOKS, hooks_candidate),
     ("lora_qv", "PEFT LoRA q,v", lora_qv),
     ("lora_all", "PEFT LoRA all-linear", functools.partial(lora_candidate,
                                                            target_modules="all-linear")),
@@ -248,8 +294,9 @@ TRAINING_METHODS = _table(
     ("floor", "floor (frozen, input grads)", floor_candidate))
 INFERENCE_METHODS = _table(
     ("base", "base model", base_candidate),
-    ("steer_fast_fused", FUSED, steer_fused),
+    ("steer_fast_fused", FUSED, steer_fused, True),
     ("steer_fast_torch", TORCH_PATH, steer_torch),
+    ("hooks_eager", HOOKS, hooks_candidate),
     ("lora_unmerged", "PEFT LoRA q,v unmerged", lora_qv),
     ("lora_merged", "PEFT LoRA q,v merged", functools.partial(lora_qv, merge=True)),
     ("loreft", "pyreft LoReFT", loreft_candidate))

@@ -17,19 +17,20 @@ decoded tokens included.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 
 from .memory import MEASURES, measure_peak_memory, release_memory
-from .methods import METHODS, Candidate, Method, MethodContext
-from .models import make_tokens
+from .methods import METHODS, Candidate, Method, MethodContext, expected_to_run
+from .models import forward_parameters, make_tokens
 from .records import BenchmarkRecord, RunContext, not_run
 from .timing import Call, measure_interleaved, unwrap
 
 LEARNING_RATE = 1e-4
+# A peak-memory call, in plain calls: on the CPU it runs under torch.profiler.
+PROFILED_CALL = {"cpu": 1.2, "cuda": 1.0}
 
 
 class Phase(NamedTuple):
@@ -73,18 +74,15 @@ def prepare_step(ctx: RunContext, candidate: Candidate, tokens: torch.Tensor
     return [Phase(None, Call(step), tokens.numel())], [candidate.module, optimizer, tokens]
 
 
-def takes_logits_to_keep(candidate: Candidate) -> bool:
-    """Whether the wrapped transformers model accepts ``logits_to_keep``."""
-    return any("logits_to_keep" in inspect.signature(type(m).forward).parameters
-               for m in candidate.module.modules()
-               if hasattr(m, "generate") and hasattr(m, "config") and hasattr(type(m), "forward"))
-
-
 def prepare_generation(ctx: RunContext, candidate: Candidate, prompt: torch.Tensor
                        ) -> tuple[list[Phase], list[Any]]:
-    """The prefill, and the decode steps from a fresh (untimed) prefill, to time."""
+    """The prefill, and the decode steps from a fresh (untimed) prefill, to time. The KV cache
+    goes back in as ``cache`` where the model takes it (as transformers 5.24 does), else as
+    ``past_key_values``, and is read from the output field of the same name."""
     candidate.module.eval()
-    prefill_kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(candidate) else {}
+    parameters = forward_parameters(candidate.module)
+    prefill_kwargs = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    cache = "cache" if "cache" in parameters else "past_key_values"
     steps = ctx.settings.decode_tokens
 
     def prefill():
@@ -93,8 +91,8 @@ def prepare_generation(ctx: RunContext, candidate: Candidate, prompt: torch.Tens
     def decode(output):
         for _ in range(steps):
             token = output.logits[:, -1:].argmax(dim=-1)
-            output = candidate.forward(input_ids=token, past_key_values=output.past_key_values,
-                                       use_cache=True)
+            output = candidate.forward(input_ids=token, use_cache=True,
+                                       **{cache: getattr(output, cache)})
         return output
 
     phases = [Phase("prefill", Call(prefill), prompt.numel()),
@@ -105,16 +103,27 @@ def prepare_generation(ctx: RunContext, candidate: Candidate, prompt: torch.Tens
 class ModelSuite(NamedTuple):
     """A model-level suite: its name (also its method table's and timing plan's), the record
     ``phase`` of each timed call (None: one unnamed phase), ``prepare(ctx, candidate, tokens)``
-    (the phases and the resident set; raises when the method cannot run) and ``mode``, entered
-    around each group's set-up, timing and measurement."""
+    (the phases and the resident set; raises when the method cannot run), ``costs(settings,
+    probe)`` (per phase, from ``progress.Probe``: the seconds of a timed call, of the untimed
+    set-up before each, and of what runs once before the timing) and ``mode``, entered around
+    each group's set-up, timing and measurement."""
 
     name: str
     phases: tuple[str | None, ...]
     prepare: Callable[..., tuple[list[Phase], list[Any]]]
+    costs: Callable[..., list[tuple[float, float, float]]]
     mode: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
-    def job_count(self, ctx: RunContext) -> int:
-        return len(METHODS[self.name].select(ctx.settings.methods))
+    def estimate_s(self, ctx: RunContext, probe: Any) -> float:
+        """The suite's expected seconds: per method that should run here, its build, then per
+        phase the warm-ups, the repeats the timing plan buys and the peak-memory call."""
+        s, plan = ctx.settings, ctx.settings.timing[self.name]
+        per_method = probe.build_s
+        for timed, setup, once in self.costs(s, probe):
+            calls = plan.warmup + plan.repeats_for(timed) + PROFILED_CALL[s.device.type]
+            per_method += once + calls * (timed + setup)
+        methods = METHODS[self.name].select(s.methods)
+        return per_method * sum(expected_to_run(m, s.device) for m in methods)
 
     def run(self, ctx: RunContext) -> Iterator[BenchmarkRecord]:
         s = ctx.settings
@@ -135,7 +144,7 @@ class ModelSuite(NamedTuple):
                    ) -> list[BenchmarkRecord]:
         s, rows, prepared = ctx.settings, {}, {}
         for method in methods:
-            ctx.advance(f"{self.name}: {method.name}")
+            ctx.describe(f"{self.name}: setting up {method.name}")
             candidate = None
             try:
                 candidate = method.setup(MethodContext(s.spec, s.device, s.rank, s.activation,
@@ -144,10 +153,14 @@ class ModelSuite(NamedTuple):
             except Exception as error:  # a method that cannot be set up gets rows that say why
                 rows[method.name] = self._rows(ctx, method, **not_run(error),
                                                backend=getattr(candidate, "backend", None))
-        if len(prepared) > 1:
-            ctx.advance(f"{self.name}: timing {len(prepared)} methods in rounds", count=False)
-        timings = [measure_interleaved({n: p[1][i].call for n, p in prepared.items()}, s.device,
-                                       s.timing[self.name]) for i in range(len(self.phases))]
+        timings = []
+        for i, phase in enumerate(self.phases):
+            what = f"{len(prepared)} methods in rounds" if len(prepared) > 1 else "".join(prepared)
+            ctx.describe(f"{self.name}: timing {what}" + (f", {phase}" if phase else ""))
+            timings.append(measure_interleaved({n: p[1][i].call for n, p in prepared.items()},
+                                               s.device, s.timing[self.name],
+                                               on_round=ctx.timing_left))
+        ctx.describe(f"{self.name}: peak memory")
         for method in (m for m in methods if m.name in prepared):
             candidate, phases, resident = prepared[method.name]
             try:
@@ -169,6 +182,10 @@ class ModelSuite(NamedTuple):
         return [row for method in methods for row in rows[method.name]]
 
 
-TRAINING_SUITE = ModelSuite("training", (None,), prepare_step)
-INFERENCE_SUITE = ModelSuite("inference", ("prefill", "decode"), prepare_generation,
-                             torch.inference_mode)
+TRAINING_SUITE = ModelSuite("training", (None,), prepare_step,
+                            lambda settings, probe: [(probe.step_s, 0.0, probe.step_s)])
+INFERENCE_SUITE = ModelSuite(
+    "inference", ("prefill", "decode"), prepare_generation,
+    lambda settings, probe: [(probe.prefill_s, 0.0, 0.0),
+                             (settings.decode_tokens * probe.token_s, probe.prefill_s, 0.0)],
+    torch.inference_mode)

@@ -1,15 +1,16 @@
 """The model under test: a named preset or a transformers config, random weights, random tokens.
 
 Nothing is downloaded. A preset gives the sizes of a decoder-only model, its dtype and the batch
-it is benchmarked with; the default depends on the device: "cpu-small" on the CPU (sized so
-that the full default run takes about ten minutes on two cores), "llama-3.2-1b" on a GPU
-(Llama-3.2-1B's shapes). The config is a transformers config class given by name (sized by the
-preset, then overridden by explicit keyword arguments) or a local ``config.json`` (a file or a
-model folder), which profiles the user's own architecture.
+it is benchmarked with; the default depends on the device: "cpu-small" on the CPU (a training
+step takes about a second on one core), "llama-3.2-1b" on a GPU (Llama-3.2-1B's shapes). The
+config is a transformers config class given by name (sized by the preset, then overridden by
+explicit keyword arguments) or a local ``config.json`` (a file or a model folder), which
+profiles the user's own architecture.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,3 +122,13 @@ def make_tokens(spec: ModelSpec, batch: int, seq_len: int, device: torch.device,
     """[batch, seq_len] token ids drawn uniformly from the vocabulary, fixed by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, spec.vocab_size, (batch, seq_len), generator=generator).to(device)
+
+
+def forward_parameters(module: nn.Module) -> set[str]:
+    """The parameter names of the forwards of the transformers models in ``module`` (itself or
+    inside a wrapper such as PEFT's or pyvene's), e.g. to see whether they take
+    ``logits_to_keep``, or the KV cache as ``cache`` (transformers >= 5.24) or as
+    ``past_key_values``."""
+    return {name for m in module.modules()
+            if hasattr(m, "generate") and hasattr(m, "config") and hasattr(type(m), "forward")
+            for name in inspect.signature(type(m).forward).parameters}

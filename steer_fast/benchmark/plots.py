@@ -1,4 +1,9 @@
-"""PNG figures of a run, drawn with matplotlib's Agg canvas (no display, no pyplot state)."""
+"""PNG figures of a run, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Every bar is a median with whiskers over the interquartile range (min to max for records that
+have no quartiles); a noisy cell's bar is hatched and its label says "noisy"; a method that did
+not run keeps its place with its status and reason. All value axes start at zero.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,13 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.patches import Patch
 
 from .records import BenchmarkRecord
-from .report import format_ms
+from .report import format_ms, short_reason
 
-# Kernel-plot markers per implementation; any other gets "x".
-MARKERS = {"steer_fast_fused": "o", "steer_fast_torch": "s", "eager": "D", "torch_compile": "^"}
+NOISY_STYLE = dict(hatch="///", edgecolor="tab:red")
+SPREAD = "bars: median; whiskers: interquartile range; hatched: noisy (see report.md)"
 
 
 def _figure(width: float, height: float, panels: int):
@@ -22,64 +27,113 @@ def _figure(width: float, height: float, panels: int):
     return figure, figure.subplots(1, panels, squeeze=False)[0]
 
 
+def _whiskers(r: BenchmarkRecord, value: float, at=lambda ms: ms) -> list[list[float]]:
+    """matplotlib's ``xerr`` of one bar: below and above ``value``, the record's spread drawn
+    through ``at`` (what the axis shows for a time in ms)."""
+    low, high = (r.ms_p25, r.ms_p75) if r.ms_p25 is not None else (r.ms_min, r.ms_max)
+    if not r.ok or not low or not high:
+        return [[0.0], [0.0]]
+    a, b = sorted((at(low), at(high)))
+    return [[max(value - a, 0.0)], [max(b - value, 0.0)]]
+
+
 def _bar_panels(rows: list[BenchmarkRecord], panels, what: str, path: Path, height: int) -> None:
-    """One horizontal bar panel per (rows, value, x label), labelled on the first only."""
+    """One horizontal bar panel per (rows, value, x label, timed), labelled on the first only;
+    ``timed`` panels show the spread and the noise mark."""
     figure, axes = _figure(12, 0.5 * height + 1.8, len(panels))
-    for axis, (panel, value, xlabel) in zip(axes, panels):
-        values, positions = [value(r) for r in panel], list(range(len(panel)))
-        axis.barh(positions, [v or 0.0 for v in values], color="tab:blue")
+    for axis, (panel, value, xlabel, is_timed) in zip(axes, panels):
+        values, positions, right = [value(r) for r in panel], list(range(len(panel))), 1.0
         for y, v, r in zip(positions, values, panel):
-            axis.text(v or 0.0, y, f" {format_ms(v)}" if v else f" {r.status}", va="center",
-                      fontsize=8)
+            noisy = is_timed and bool(r.noisy)
+            spread = _whiskers(r, v) if is_timed and v else None
+            axis.barh(y, v or 0.0, color="tab:blue", xerr=spread, capsize=3,
+                      **(NOISY_STYLE if noisy else {}))
+            end = (v or 0.0) + (spread[1][0] if spread else 0.0)
+            text = (f" {format_ms(v)}{' noisy' if noisy else ''}" if v
+                    else f" {short_reason(r)[:60]}")
+            axis.text(end, y, text, va="center", fontsize=8)
+            right = max(right, end)
         axis.set_yticks(positions, [r.label for r in panel])
         axis.invert_yaxis()
-        axis.set_xlim(0, max([v for v in values if v] or [1.0]) * 1.35)
+        axis.set_xlim(0, right * 1.3)
         axis.set_xlabel(xlabel)
     axes[1].set_yticks([])
-    figure.suptitle(f"{what} - {rows[0].model}, {rows[0].dtype}\n{rows[0].device_name}")
+    figure.suptitle(f"{what} - {rows[0].model}, {rows[0].dtype}\n{rows[0].device_name}\n{SPREAD}",
+                    fontsize=10)
     figure.savefig(path, dpi=120)
 
 
 def plot_training(rows: list[BenchmarkRecord], path: Path) -> None:
     memory = lambda r: r.peak_mem_bytes / 2**20 if r.peak_mem_bytes else None
-    panels = [(rows, lambda r: r.ms, "ms per training step (median)"),
-              (rows, memory, "peak memory (MiB)")]
+    panels = [(rows, lambda r: r.ms, "ms per training step (median)", True),
+              (rows, memory, "peak memory (MiB)", False)]
     _bar_panels(rows, panels, "Training step", path, len(rows))
 
 
 def plot_inference(rows: list[BenchmarkRecord], path: Path) -> None:
     methods = list(dict.fromkeys(r.method for r in rows))
     by_phase = {(r.method, r.phase): r for r in rows}
-    panels = [([by_phase[m, phase] for m in methods], lambda r: r.ms, xlabel) for phase, xlabel
-              in (("prefill", "prefill ms (median)"), ("decode", "decode ms per token (median)"))]
+    panels = [([by_phase[m, phase] for m in methods], lambda r: r.ms, xlabel, True)
+              for phase, xlabel in (("prefill", "prefill ms (median)"),
+                                    ("decode", "decode ms per token (median)"))]
     _bar_panels(rows, panels, "Inference", path, len(methods))
 
 
+def _case_label(r: BenchmarkRecord) -> str:
+    return (f"N={r.tokens} d={r.hidden_size} r={r.rank}\n{r.activation} {r.dtype}"
+            f"{' +residual' if r.residual else ''}")
+
+
 def plot_kernel(records: list[BenchmarkRecord], path: Path) -> None:
-    """Achieved bandwidth (minimum bytes / time) against minimum bytes, per pass and method."""
-    rows = [r for r in records if r.pass_ is not None]
+    """Per pass, grouped bars: one group per grid point (named by its shape, rank, activation
+    and dtype), one bar per implementation, its percent of the memory roofline."""
+    rows = [r for r in records if r.pass_ is not None and r.method != "roofline"]
     copy = next((r for r in records if r.method == "copy" and r.ok), None)
     passes = list(dict.fromkeys(r.pass_ for r in rows))
-    labels = {r.method: r.label for r in rows if r.method != "roofline"}
-    figure, axes = _figure(6 * len(passes), 4.5, len(passes))
+    labels = {r.method: r.label for r in rows}
+    cases = list(dict.fromkeys(_case_label(r) for r in rows))
+    colors = {method: f"C{i}" for i, method in enumerate(labels)}
+    width = 0.8 / max(len(labels), 1)
+    figure, axes = _figure(7 * len(passes), 0.3 * len(cases) * (len(labels) + 1) + 2.5,
+                           len(passes))
+    not_run: dict[str, str] = {}
     for axis, pass_ in zip(axes, passes):
-        for method, label in labels.items():
-            points = sorted((r.min_bytes / 2**20, r.gbps) for r in rows
-                            if r.pass_ == pass_ and r.method == method and r.ok)
-            if points:
-                axis.scatter(*zip(*points), marker=MARKERS.get(method, "x"), label=label,
-                             alpha=0.8)
-        if copy is not None:
-            axis.axhline(copy.gbps, color="black", linestyle="--", linewidth=1,
-                         label=f"copy bandwidth {copy.gbps:.1f} GB/s")
-        axis.set_xscale("log")
-        axis.xaxis.set_minor_formatter(NullFormatter())
-        axis.set(xlabel="minimum bytes moved (MiB)", ylabel="GB/s at minimum traffic", title=pass_)
-        axis.legend(fontsize=8)
-    skipped = sorted({r.label for r in rows if not r.ok})
-    suffix = f"\nnot run here: {', '.join(skipped)}" if skipped else ""
-    figure.suptitle(f"post_block_steer kernel\n{rows[0].device_name}{suffix}")
-    figure.savefig(path, dpi=120)
+        at = {(_case_label(r), r.method): r for r in rows if r.pass_ == pass_}
+        top = 1.0
+        for i, method in enumerate(labels):
+            for group, case in enumerate(cases):
+                r = at.get((case, method))
+                y = group + (i - (len(labels) - 1) / 2) * width
+                if r is None:
+                    continue
+                if not r.ok:
+                    not_run[labels[method]] = short_reason(r)
+                    axis.text(0, y, f" {r.status}", va="center", fontsize=7, color="gray")
+                    continue
+                value = r.roofline_pct
+                spread = _whiskers(r, value, lambda ms, r=r, value=value: value * r.ms / ms)
+                axis.barh(y, value, height=width, color=colors[method], xerr=spread,
+                          capsize=2, **(NOISY_STYLE if r.noisy else {}))
+                axis.text(value + spread[1][0], y,
+                          f" {format_ms(r.ms)} ms{' noisy' if r.noisy else ''}", va="center",
+                          fontsize=7)
+                top = max(top, value + spread[1][0])
+        axis.set_yticks(range(len(cases)), cases, fontsize=8)
+        axis.invert_yaxis()
+        axis.set_xlim(0, top * 1.4)
+        if top >= 60:
+            axis.axvline(100, color="black", linestyle="--", linewidth=1)
+        axis.set(xlabel="% of the memory roofline (minimum bytes / copy bandwidth; higher is "
+                 "faster)", title=pass_)
+    handles = [Patch(color=colors[m], label=label) for m, label in labels.items()
+               if label not in not_run]
+    skipped = "".join(f"\nnot run: {label} ({reason[:80]})" for label, reason in not_run.items())
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4),
+                  fontsize=8)
+    bandwidth = f", copy bandwidth {copy.gbps:.1f} GB/s" if copy is not None else ""
+    figure.suptitle(f"post_block_steer kernel - {rows[0].device_name}{bandwidth}\n"
+                    f"{SPREAD}{skipped}", fontsize=9)
+    figure.savefig(path, dpi=110)
 
 
 PLOTS = {"training": plot_training, "inference": plot_inference, "kernel": plot_kernel}

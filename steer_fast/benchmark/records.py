@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class BenchmarkRecord:
-    """One row of results. Times are milliseconds: ``ms`` the median, ``ms_min``/``ms_max``
-    the spread over ``repeats`` measured calls. ``tokens_per_s`` counts the tokens the call
-    processed (batch x seq_len for a training step or a prefill, batch per decoded token).
+    """One row of results. Times are milliseconds: ``ms`` the median, ``ms_min``/``ms_max`` and
+    the quartiles ``ms_p25``/``ms_p75`` the spread over ``repeats`` measured calls, with
+    ``iqr_ratio`` (IQR / median) and ``max_min_ratio``; ``noisy`` is the noise rule's verdict
+    on them and ``noise_reason`` why (``timing.Spread``). ``tokens_per_s`` counts the tokens
+    the call processed (batch x seq_len for a training step or a prefill, batch per decoded token).
     ``peak_mem_bytes`` is measured as ``memory_measure`` says. Kernel rows also fill ``pass_``
     to ``roofline_pct`` (``gbps``: minimum bytes over the measured time); inference rows fill
     ``phase``."""
@@ -56,6 +58,12 @@ class BenchmarkRecord:
     ms_max: float | None = None
     repeats: int | None = None
     warmup: int | None = None
+    ms_p25: float | None = None
+    ms_p75: float | None = None
+    iqr_ratio: float | None = None
+    max_min_ratio: float | None = None
+    noisy: bool | None = None
+    noise_reason: str | None = None
     tokens_per_s: float | None = None
     peak_mem_bytes: int | None = None
     memory_measure: str | None = None
@@ -123,8 +131,11 @@ class RunContext:
     environment: dict[str, Any]
     timestamp: str = field(default_factory=lambda: datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"))
-    # advance(description, count=True): a new job starts (count=False: only a new description).
-    advance: Callable[..., None] = lambda description, count=True: None
+    # Progress reports (``progress.Progress``): what runs now, the seconds the timing block
+    # running now still needs, the share of the suite done.
+    describe: Callable[[str], None] = lambda text: None
+    timing_left: Callable[[float], None] = lambda seconds: None
+    part_done: Callable[[float], None] = lambda fraction: None
 
     def record(self, suite: str, method: str, label: str, **fields: Any) -> BenchmarkRecord:
         """A record with the run's context filled in; ``fields`` set or override the rest."""

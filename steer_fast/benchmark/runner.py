@@ -1,9 +1,14 @@
-"""Run the chosen suites, then write results.json, report.md and the PNG plots."""
+"""Run the chosen suites, then write results.json, report.md and the PNG plots.
+
+A run first says what it will run; then checks the machine (``machine.MachineCheck``) and times
+the model once (``progress.probe_model``) to say about how long it will take; then runs the
+suites under a progress bar counted in seconds; then checks the machine again.
+"""
 
 from __future__ import annotations
 
 import ctypes
-import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -11,22 +16,24 @@ from typing import NamedTuple
 
 import torch
 
-from .kernel_suite import kernel_job_count, run_kernel_suite
+from . import kernel_suite
+from .kernel_suite import run_kernel_suite
+from .machine import MachineCheck
 from .memory import MEASURES
+from .methods import METHODS, expected_to_run
 from .model_suite import INFERENCE_SUITE, LEARNING_RATE, TRAINING_SUITE
+from .progress import Progress, format_duration, probe_model
 from .records import BenchmarkRecord, RunContext, environment, save_records, write_text_atomic
 from .report import render_report
-from .settings import BenchmarkSettings
+from .settings import CPU_THREADS, BenchmarkSettings
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # tqdm comes with the [bench] extra; without it, no progress bar
-    tqdm = None
-
-# The suites in the order they run: (run, job count) by name.
-SUITE_RUNNERS = {"training": (TRAINING_SUITE.run, TRAINING_SUITE.job_count),
-                 "inference": (INFERENCE_SUITE.run, INFERENCE_SUITE.job_count),
-                 "kernel": (run_kernel_suite, kernel_job_count)}
+# The suites in the order they run: (run, estimate_s(ctx, probe, flops_per_s)) by name.
+SUITE_RUNNERS = {
+    "training": (TRAINING_SUITE.run, lambda ctx, probe, _: TRAINING_SUITE.estimate_s(ctx, probe)),
+    "inference": (INFERENCE_SUITE.run,
+                  lambda ctx, probe, _: INFERENCE_SUITE.estimate_s(ctx, probe)),
+    "kernel": (run_kernel_suite, lambda ctx, _, flops: kernel_suite.estimate_s(ctx, flops)),
+}
 
 
 def keep_freed_host_memory() -> str | None:
@@ -58,26 +65,45 @@ class BenchmarkRun(NamedTuple):
     seconds: float
 
 
-def load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return "n/a"
+def describe_run(settings: BenchmarkSettings) -> str:
+    """What a run will do, in a few lines: suites, methods, shapes, model, device, size."""
+    s, lines = settings, []
+    for suite in (name for name in SUITE_RUNNERS if name in s.suites):
+        methods = METHODS[suite].select(s.methods)
+        running = sum(expected_to_run(m, s.device) for m in methods)
+        what = f"{running} methods" + (f" ({len(methods) - running} skipped: need CUDA)"
+                                       if running < len(methods) else "")
+        if suite == "kernel":
+            shapes = len(kernel_suite.grid_cases(RunContext(s, {})))
+            what = f"{shapes} shape{'s' * (shapes > 1)} x {len(kernel_suite.PASSES)} passes, {what}"
+        lines.append(f"  {suite}: {what}")
+    threads = f"{torch.get_num_threads()} torch threads" if s.threads is None else (
+        f"{s.threads} torch thread{'s' * (s.threads > 1)}")
+    sizes = {"quick": "quick (a smoke test)", "full": "full (every kernel shape, full budgets)",
+             "default": "default (a quarter of the kernel shapes, short budgets; --full for all)"}
+    return "\n".join([
+        f"steer-fast bench: {s.spec.name}, {s.dtype_name}, batch {s.batch} x {s.seq_len}, "
+        f"rank {s.rank}, {s.activation}, on {s.device} with {threads}; size {sizes[s.size]}",
+        *lines, f"  results: {s.out}/"])
 
 
-def run_notes(settings: BenchmarkSettings, host_allocator: str | None, loads: tuple[str, str]
+def run_notes(settings: BenchmarkSettings, host_allocator: str | None, machine: MachineCheck
               ) -> list[str]:
     """The report's notes on how the run was made."""
     timing = ("the methods of each suite (and the implementations of each kernel case) are "
               "timed in rounds, one repeat of each per round, in a rotating order"
               if settings.interleave else "methods timed one after another")
+    threads = (f"{settings.threads} torch intra-op thread{'s' * (settings.threads > 1)}"
+               if settings.threads is not None else "torch's default intra-op threads")
+    if settings.device.type == "cpu" and settings.threads == CPU_THREADS:
+        threads += " (the CPU default, as the committed CPU results; --threads to change)"
     notes = [f"- Host allocator: {host_allocator}"] if host_allocator else []
     return notes + [
-        f"- 1-minute load average before / after the run: {loads[0]} / {loads[1]} "
-        f"({os.cpu_count()} CPUs); other work on the machine slows every method",
+        f"- Threads: {threads}; size: {settings.size}",
+        machine.note(),
         f"- Training: AdamW(lr={LEARNING_RATE}, weight_decay=0) over each method's trainable "
-        "parameters; LoRA alpha = r, no dropout; LoReFT and steer_fast on every layer, every "
-        "position",
+        "parameters; LoRA alpha = r, no dropout; LoReFT, steer_fast and the forward hooks on "
+        "every layer, every position, the hooks with steer_fast's adapters and weights",
         f"- Inference: prefill of the {settings.batch} x {settings.seq_len} prompt, then "
         f"{settings.decode_tokens} greedy tokens with the KV cache, time per token",
         f"- Timing: medians over repeats after warm-ups; {timing}",
@@ -86,42 +112,46 @@ def run_notes(settings: BenchmarkSettings, host_allocator: str | None, loads: tu
 
 
 def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> BenchmarkRun:
-    """Run ``settings.suites`` (training, inference, kernel order) and write the outputs."""
-    started, load_before = time.perf_counter(), load_average()
+    """Run ``settings.suites`` (training, inference, kernel order) and write the outputs. With
+    ``progress``, the plan, the estimate and a progress bar go to stderr."""
+    started = time.perf_counter()
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (
+        lambda text: None)
     host_allocator = keep_freed_host_memory() if settings.device.type == "cpu" else None
     threads_before = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
-    context = RunContext(settings, environment(settings.device))
-    suites = [name for name in SUITE_RUNNERS if name in settings.suites]
-    total = sum(SUITE_RUNNERS[name][1](context) for name in suites)
-    bar = tqdm(total=total, unit="job", dynamic_ncols=True) if progress and tqdm else None
-    started_jobs = 0
-
-    def advance(description: str, count: bool = True) -> None:
-        nonlocal started_jobs
-        if count and started_jobs:
-            bar.update(1)
-        started_jobs += count
-        bar.set_description_str(description[:70])
-
-    if bar is not None:
-        context.advance = advance
-    records: list[BenchmarkRecord] = []
+    bar = None
     try:
+        say(describe_run(settings))
+        machine = MachineCheck.start(settings.device)
+        for warning in machine.warnings():
+            say(f"  warning: {warning}; timings will be noisy")
+        context = RunContext(settings, environment(settings.device))
+        suites = [name for name in SUITE_RUNNERS if name in settings.suites]
+        probe = probe_model(settings) if {"training", "inference"} & set(suites) else None
+        flops = machine.flops_per_s(settings.device)
+        estimates = {name: SUITE_RUNNERS[name][1](context, probe, flops) for name in suites}
+        say(f"  estimated time: about {format_duration(sum(estimates.values()))} ("
+            + ", ".join(f"{name} {format_duration(s)}" for name, s in estimates.items()) + ")")
+        bar = Progress(estimates, show=progress)
+        context.describe, context.timing_left = bar.describe, bar.timing_left
+        context.part_done = bar.part_done
+        records: list[BenchmarkRecord] = []
         with warnings.catch_warnings():
             # PEFT calls a transformers property deprecated in 5.x on every step.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
                                     category=FutureWarning)
             for name in suites:
+                bar.start_suite(name)
                 records.extend(SUITE_RUNNERS[name][0](context))
+        machine.finish(settings.device)
     finally:
         if bar is not None:
-            bar.update(total - bar.n)
             bar.close()
         torch.set_num_threads(threads_before)
-    report = render_report(records, run_notes(settings, host_allocator,
-                                              (load_before, load_average())))
+    report = render_report(records, run_notes(settings, host_allocator, machine),
+                           warnings=machine.warnings())
     out = Path(settings.out)
     save_records(out / "results.json", records)
     write_text_atomic(out / "report.md", report)
@@ -131,3 +161,4 @@ def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> Benchm
 
         files += write_plots(records, out)
     return BenchmarkRun(records, report, out, files, time.perf_counter() - started)
+

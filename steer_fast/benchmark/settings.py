@@ -2,8 +2,13 @@
 
 ``BenchmarkOptions`` names every option once, with its help text and default in the field's
 metadata; ``steer-fast bench`` builds its options from it (``steer_fast.cli``), each read as its
-type says. ``BenchmarkSettings.create(**options)`` fills in every default (by device,
-preset and ``quick``) and checks every value, before anything runs.
+type says. ``BenchmarkSettings.create(**options)`` fills in every default (by device, preset
+and size) and checks every value, before anything runs.
+
+A run has one of three sizes: "quick" (``--quick``: a smoke test), "default" and "full"
+(``--full``: the whole kernel grid and the longer timing budgets the committed results used).
+On CUDA the default is the full size; on the CPU it is the full grid's methods on a quarter of
+its kernel shapes, with shorter timing budgets: 3 to 5 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from .models import PRESETS, ModelPreset, ModelSpec, build_spec
 from .timing import TimingPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RESULTS_ROOT = Path("bench") / "results"
+# Where runs go without --out, relative to the current directory.
+RESULTS_ROOT = Path("steer-fast-bench")
+# torch threads on the CPU without --threads: the committed CPU results' setting.
+CPU_THREADS = 1
 # The option groups of the command line's help, in this order.
 WHAT, MODEL, SHAPES, OUTPUT = ("what to run", "model (random weights, nothing downloaded)",
                                "shapes", "output")
@@ -42,6 +50,13 @@ def option(help: str, group: str, shown: str | None = None, default: Any = None,
     return field(default=default, metadata=dict(help=help, group=group, shown=shown, **cli))
 
 
+def device_name(device: str) -> str:
+    """``device`` checked to name "cpu", "cuda" or "cuda:N" (what ``--device`` accepts)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return str(device)
+
+
 @dataclass(frozen=True)
 class BenchmarkOptions:
     """Every option of a run as given: None (or the default) where the user chose nothing."""
@@ -50,8 +65,11 @@ class BenchmarkOptions:
                                           metavar="SUITE")
     methods: Sequence[str] | None = option("only these methods, as --list names them", WHAT,
                                            "all", metavar="METHOD")
-    quick: bool = option("fewer repeats, a smaller kernel grid, fewer decoded tokens", WHAT,
-                         default=False)
+    quick: bool = option("a smoke test: one kernel shape, 3 to 5 repeats per cell, a quarter "
+                         "of the decoded tokens", WHAT, default=False)
+    full: bool = option("the full kernel grid (32 shapes) and timing budgets, the default on "
+                        "CUDA; on a 2-core CPU 9 to 12 minutes instead of 3 to 5", WHAT,
+                        default=False)
     warmup: int | None = option("warm-up calls before each measurement", WHAT, "per suite")
     repeats: int | None = option("exactly this many measured calls", WHAT, "adaptive per suite")
     interleave: bool = option("time the methods one after another, each freed before the next "
@@ -66,8 +84,11 @@ class BenchmarkOptions:
                                         "none")
     dtype: str | torch.dtype | None = option("model dtype; also narrows the kernel grid", MODEL,
                                              "the preset's", choices=sorted(DTYPES))
-    device: str | torch.device | None = option("cuda or cpu", MODEL, "cuda if available")
-    threads: int | None = option("torch intra-op threads for the run", MODEL, "torch's choice")
+    device: str | torch.device | None = option("cpu, cuda or cuda:N", MODEL, "cuda if available",
+                                               metavar="{cpu,cuda,cuda:N}", parse=device_name)
+    threads: int | None = option("torch intra-op threads for the run", MODEL,
+                                 f"{CPU_THREADS} on the CPU, as the committed CPU results; "
+                                 "torch's choice on CUDA")
     batch: int | None = option("sequences per batch", SHAPES, "the preset's")
     seq_len: int | None = option("tokens per sequence", SHAPES, "the preset's")
     rank: int | None = option("adapter rank for every method; also narrows the kernel grid",
@@ -83,7 +104,8 @@ class BenchmarkOptions:
                                                        flag="--kernel-hidden")
     seed: int = option("seed of every method's weights and data", SHAPES, default=0)
     out: str | Path | None = option("output folder", OUTPUT,
-                                    "bench/results/<device>-<date>/, never reused")
+                                    f"./{RESULTS_ROOT}/<device>-<date>/ in the current "
+                                    "directory, never reused")
     overwrite: bool = option("allow writing into a folder that already holds results.json",
                              OUTPUT, default=False)
     plots: bool = option("skip the PNG plots", OUTPUT, default=True)
@@ -103,23 +125,27 @@ class KernelGrid(NamedTuple):
     residual: tuple[bool, ...] = (False,)
 
 
-# (on CUDA, quick) -> the kernel grid. On the CPU every [N, d] tensor stays under glibc's 32 MiB
+# (on CUDA, size) -> the kernel grid. On the CPU every [N, d] tensor stays under glibc's 32 MiB
 # mmap ceiling (see runner.keep_freed_host_memory), so that no case is timed on page faults.
 KERNEL_GRIDS = {
-    (True, True): KernelGrid((16384,), (2048,), (16,), ("silu",), (torch.bfloat16,)),
-    (True, False): KernelGrid((4096, 16384, 65536), (2048, 4096), (16, 64), ("identity", "silu"),
-                              (torch.bfloat16,), (False, True)),
-    (False, True): KernelGrid((2048,), (512,), (16,), ("silu",), (torch.float32,)),
-    (False, False): KernelGrid((1024, 4096), (256, 1024), (16, 64), ("identity", "silu"),
-                               (torch.float32, torch.bfloat16)),
+    (True, "quick"): KernelGrid((16384,), (2048,), (16,), ("silu",), (torch.bfloat16,)),
+    (True, "full"): KernelGrid((4096, 16384, 65536), (2048, 4096), (16, 64),
+                               ("identity", "silu"), (torch.bfloat16,), (False, True)),
+    (False, "quick"): KernelGrid((2048,), (512,), (16,), ("silu",), (torch.float32,)),
+    (False, "default"): KernelGrid((1024, 4096), (256, 1024), (16, 64), ("silu",),
+                                   (torch.float32,)),
+    (False, "full"): KernelGrid((1024, 4096), (256, 1024), (16, 64), ("identity", "silu"),
+                                (torch.float32, torch.bfloat16)),
 }
-# (on CUDA, quick) -> the kernel, training-step and inference timing plans, each as
-# (warmup, min_repeats, max_repeats, budget_s).
+# (on CUDA, size) -> the kernel, training-step and inference timing plans, each as
+# (warmup, min_repeats, max_repeats, budget_s). Outside "quick", at least 7 repeats per model
+# cell and 10 per kernel cell, so that every cell has quartiles to judge its noise by.
 TIMING_PLANS = {
-    (True, True): ((5, 10, 100, 0.1), (3, 5, 20, 1.0), (2, 3, 10, 1.0)),
-    (True, False): ((10, 20, 500, 0.3), (5, 10, 50, 5.0), (3, 5, 20, 3.0)),
-    (False, True): ((2, 5, 20, 0.2), (1, 3, 3, 1.0), (1, 3, 5, 0.5)),
-    (False, False): ((3, 10, 200, 1.0), (2, 10, 40, 30.0), (2, 5, 30, 6.0)),
+    (True, "quick"): ((5, 10, 100, 0.1), (3, 5, 20, 1.0), (2, 3, 10, 1.0)),
+    (True, "full"): ((10, 20, 500, 0.3), (5, 10, 50, 5.0), (3, 5, 20, 3.0)),
+    (False, "quick"): ((2, 5, 20, 0.2), (1, 3, 3, 1.0), (1, 3, 5, 0.5)),
+    (False, "default"): ((2, 10, 100, 0.3), (1, 7, 15, 8.0), (1, 7, 15, 3.0)),
+    (False, "full"): ((3, 10, 200, 1.0), (2, 10, 40, 30.0), (2, 5, 30, 6.0)),
 }
 
 
@@ -128,6 +154,7 @@ class BenchmarkSettings:
     """A fully resolved run: every default filled in, every value checked."""
 
     device: torch.device
+    size: str  # "quick", "default" or "full" (see the module docstring)
     preset: ModelPreset
     spec: ModelSpec
     suites: tuple[str, ...]
@@ -153,9 +180,13 @@ class BenchmarkSettings:
 
     @classmethod
     def from_options(cls, o: BenchmarkOptions) -> BenchmarkSettings:
-        """Resolve defaults (by device, preset and ``quick``) and check every value: a
-        ValueError names the option and what was expected, before anything runs."""
+        """Resolve defaults (by device, preset and size) and check every value: a ValueError
+        names the option and what was expected, before anything runs."""
         device = _check_device(o.device)
+        if o.quick and o.full:
+            raise ValueError("quick and full exclude each other; pass one of --quick, --full")
+        cuda = device.type == "cuda"
+        size = "quick" if o.quick else "full" if o.full or cuda else "default"
         suites = _check_choices("suites", o.suites or SUITES, SUITES)
         default = "llama-3.2-1b" if device.type == "cuda" else "cpu-small"
         preset = PRESETS[_one_of("preset", o.preset or default, sorted(PRESETS))]
@@ -166,7 +197,7 @@ class BenchmarkSettings:
         spec = build_spec(preset, o.config, o.config_kwargs, DTYPES.get(o.dtype, o.dtype))
         batch = _positive("batch", o.batch, preset.batch)
         seq_len = _positive("seq_len", o.seq_len, preset.seq_len)
-        grid = KERNEL_GRIDS[device.type == "cuda", o.quick]
+        grid = KERNEL_GRIDS[cuda, size]
         # An explicit rank, activation or dtype also narrows the kernel grid to that value.
         rank = _positive("rank", o.rank, preset.rank)
         if o.rank is not None:
@@ -184,11 +215,11 @@ class BenchmarkSettings:
                 if not values:
                     raise ValueError(f"{name} must list at least one integer >= 1")
                 grid = grid._replace(**{field_: tuple(_positive(name, v) for v in values)})
-        threads = _positive("threads", o.threads)
+        threads = _positive("threads", o.threads, None if cuda else CPU_THREADS)
         repeats = _positive("repeats", o.repeats)
         fixed = dict(warmup=_positive("warmup", o.warmup), min_repeats=repeats, max_repeats=repeats)
         fixed = {key: value for key, value in fixed.items() if value is not None}
-        plans = TIMING_PLANS[device.type == "cuda", o.quick]
+        plans = TIMING_PLANS[cuda, size]
         timing = {suite: replace(TimingPlan(*plan), **fixed) for suite, plan in zip(SUITES, plans)}
         if o.plots and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("plots need matplotlib (pip install 'steer_fast[bench]'); or pass "
@@ -197,30 +228,39 @@ class BenchmarkSettings:
         if o.out is not None and (out / "results.json").exists() and not o.overwrite:
             raise ValueError(f"out folder {str(out)!r} already holds results.json; choose another "
                              "folder or pass overwrite=True (--overwrite)")
-        return cls(device=device, preset=preset, spec=spec, suites=suites, batch=batch,
+        return cls(device=device, size=size, preset=preset, spec=spec, suites=suites, batch=batch,
                    seq_len=seq_len, rank=rank, activation=o.activation or "identity",
                    decode_tokens=decode_tokens, seed=int(o.seed), methods=methods,
                    kernel_grid=grid, timing=timing, threads=threads,
                    interleave=bool(o.interleave), out=out, plots=o.plots,
-                   command=o.command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+                   command=o.command or invoked_as())
 
     @property
     def dtype_name(self) -> str:
         return str(self.spec.dtype).removeprefix("torch.")
 
 
+def invoked_as(argv: Sequence[str] | None = None, program: str | None = None) -> str:
+    """The command line as typed: ``program`` and ``argv`` when given; else the process's own,
+    as ``python -m steer_fast ...`` (the interpreter's name as invoked) when it runs steer_fast
+    as a module, or the script's name (e.g. ``steer-fast``) and its arguments."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if program is None and spec is not None and spec.name.startswith("steer_fast"):
+        interpreter = Path(getattr(sys, "orig_argv", [sys.executable])[0]).name
+        return shlex.join([interpreter, "-m", spec.name.removesuffix(".__main__"), *args])
+    return shlex.join([program or Path(sys.argv[0]).name, *args])
+
+
 def _check_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch device such as 'cuda' or 'cpu', got {device!r}"
-                         ) from error
+    resolved = torch.device(device_name(str(device)))
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    if resolved.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA device")
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} was asked for but torch sees "
+                         f"{torch.cuda.device_count()} CUDA devices")
     return resolved
 
 
@@ -251,8 +291,8 @@ def _positive(name: str, value: int | None, default: int | None = None) -> int |
 
 
 def _fresh_default_out(device: torch.device) -> Path:
-    """bench/results/<device>-<date>/ (the device "cpu" or e.g. "cuda-nvidia-h100-80gb-hbm3"),
-    with -2, -3, ... when that folder is already taken."""
+    """steer-fast-bench/<device>-<date>/ under the current directory (the device "cpu" or e.g.
+    "cuda-nvidia-h100-80gb-hbm3"), with -2, -3, ... when that folder is already taken."""
     slug = device.type
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
