@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import textwrap
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from .benchmark.methods import METHODS
 from .benchmark.models import PRESETS
 from .benchmark.runner import run_benchmarks
 from .benchmark.settings import BenchmarkOptions, BenchmarkSettings, invoked_as
+from .reproduce import cli as reproduce_cli
 
 
 def _json_object(text: str) -> dict:
@@ -131,7 +133,24 @@ def run_bench(args: argparse.Namespace, command: str) -> int:
 
 # name -> (add its parser to the subcommands, run it with the parsed arguments and the command
 # line as typed, returning the exit status).
-COMMANDS = {"bench": (add_bench_parser, run_bench)}
+def add_reproduce_parser(commands: argparse._SubParsersAction) -> None:
+    reproduce = commands.add_parser(
+        "reproduce", help="train every method on generated tasks with a real pretrained model and "
+        "compare accuracies", description="Train every method on each task with the same data, "
+        "steps, batch and seed, evaluate by greedy generation, and write results.json, report.md "
+        "and plots (docs/reproduce.md).", formatter_class=_HelpFormatter)
+    reproduce_cli.add_arguments(reproduce)
+
+
+def run_reproduce(args: argparse.Namespace, command: str) -> int:
+    words = shlex.split(command)
+    return reproduce_cli.main(args, words[words.index("reproduce"):])
+
+
+COMMANDS = {
+    "bench": (add_bench_parser, run_bench),
+    "reproduce": (add_reproduce_parser, run_reproduce),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

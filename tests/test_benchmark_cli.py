@@ -165,3 +165,11 @@ def test_module_form_lists_presets_and_methods():
                           capture_output=True, text=True, check=True)
     for name in ("cpu-small", "llama-3.2-1b", "steer_fast_fused", "loreft", "floor", "eager"):
         assert name in done.stdout
+
+
+def test_reproduce_is_a_subcommand(capsys):
+    """steer-fast reproduce reaches its own options and refuses bad input before any training."""
+    assert main(["reproduce", "--list"]) == 0
+    assert "steer_silu" in capsys.readouterr().out
+    assert main(["reproduce", "--tasks", "no_such_task", "--no-progress"]) == 2
+    assert "no_such_task" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import torch
 import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import nn
 
 from steer_fast import PostBlockAdapter
@@ -285,3 +286,22 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return {"input_ids": self.input_ids[index], "labels": self.input_ids[index]}
+
+
+def char_tokenizer(lowercase: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII, newline and the ellipsis (100 ids, so it
+    fits tiny_models' vocabulary), adding <s> in front of text with special tokens."""
+    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": BOS_TOKEN_ID, "</s>": EOS_TOKEN_ID}
+    for char in ["\n", "\u2026", *map(chr, range(32, 127))]:
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", BOS_TOKEN_ID)]
+    )
+    if lowercase:
+        backend.normalizer = normalizers.Lowercase()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
