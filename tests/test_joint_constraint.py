@@ -14,7 +14,7 @@ from steer_fast import JointModel, JointTrainer, OrthogonalityConfig, SteerConfi
 from steer_fast.orthogonality import layer_penalty
 from steer_fast.saved_state import decode_state, encode_state
 
-from tiny_models import TokenDataset, random_input_ids, tiny_causal_lm
+from tiny_models import TokenDataset, random_input_ids, randomize_trainable, tiny_causal_lm
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 INPUT_IDS = random_input_ids(2, 7)
@@ -30,11 +30,7 @@ def build(orthogonality=None, seed=0, randomized=True):
         orthogonality,
     )
     if randomized:  # both parts start at the identity: give them directions to compare
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for _, parameter in sorted(model.named_parameters()):
-                if parameter.requires_grad:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+        randomize_trainable(model, seed=seed + 1)
     return model
 
 

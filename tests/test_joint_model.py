@@ -25,6 +25,7 @@ from tiny_models import (
     NUM_LAYERS,
     decoder_layers,
     random_input_ids,
+    randomize_trainable,
     tiny_causal_lm,
 )
 
@@ -53,11 +54,7 @@ def joint(family="llama", lora_config=None, orthogonality=None, **steer_override
 
 def randomize(model, seed=0, std=0.2):
     """N(0, std^2) values for every trainable parameter (both parts start as the identity)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    randomize_trainable(model, seed, std)
 
 
 def logits(model, input_ids=INPUT_IDS):

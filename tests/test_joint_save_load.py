@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import steer_fast.saved_state as saved_state_module
 from steer_fast import JointModel, OrthogonalityConfig, SteerConfig, get_joint_model
 
-from tiny_models import random_input_ids, tiny_causal_lm
+from tiny_models import random_input_ids, randomize_trainable, tiny_causal_lm
 
 INPUT_IDS = random_input_ids(2, 7)
 JOINT_FILES = [
@@ -35,11 +35,7 @@ def trained(family="llama", lora_config=None, orthogonality=None, **steer_overri
     settings = {"rank": 4, "activation": "silu", "bias": True, "backend": "torch"}
     steer = SteerConfig(**{**settings, **steer_overrides})
     model = get_joint_model(tiny_causal_lm(family), steer, lora_config or lora(), orthogonality)
-    generator = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_trainable(model, seed=5)
     return model
 
 

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from steer_fast import JointModel, JointTrainer, OrthogonalityConfig, SteerConfig, get_joint_model
 
-from tiny_models import TokenDataset, random_input_ids, tiny_causal_lm
+from tiny_models import TokenDataset, random_input_ids, randomize_trainable, tiny_causal_lm
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -212,11 +212,7 @@ def test_trainer_rejects_bad_arguments(tmp_path):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     model = build()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_trainable(model, seed=0)
     input_ids = random_input_ids(2, 8)
 
     def gradients():

@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from steer_fast import SteerConfig, get_joint_model, get_steer_model
 
-from tiny_models import random_input_ids, tiny_causal_lm
+from tiny_models import random_input_ids, randomize_trainable, tiny_causal_lm
 
 INPUT_IDS = random_input_ids(2, 7)
 STEER = dict(rank=4, activation="silu", backend="torch")
@@ -24,11 +24,7 @@ def logits(model):
 
 
 def randomize(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
-            if parameter.requires_grad:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_trainable(model, seed)
 
 
 def steer_model():

@@ -227,6 +227,16 @@ def randomize_adapters(
                 parameter.copy_(values)
 
 
+def randomize_trainable(model: nn.Module, seed: int = 0, std: float = 0.2) -> None:
+    """N(0, std^2) values for every trainable parameter of ``model``, in name order (new
+    adapters start as the identity: this gives them directions)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+
+
 def add_reference_steering(
     model: nn.Module, family: str, adapters: Mapping[int, PostBlockAdapter]
 ) -> list[torch.utils.hooks.RemovableHandle]:
