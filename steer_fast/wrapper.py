@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,13 +53,14 @@ if TYPE_CHECKING:
 
 
 class AdapterSwitch:
-    """The result of ``enable_adapters()`` / ``disable_adapters()``: the switch has happened
-    when it is returned; used as a context manager, it puts the previous state back on exit."""
+    """A switch of the wrapper's adapters (``enable_adapters()``, ``disable_adapters()``,
+    ``JointModel.set_inference_mode``): ``switch()`` has run when it is returned; used as a
+    context manager, it puts the previous state of every adapter back on exit."""
 
-    def __init__(self, wrapper: SteeringWrapper, enabled: bool) -> None:
+    def __init__(self, wrapper: SteeringWrapper, switch: Callable[[], None]) -> None:
         self._wrapper = wrapper
         self._previous = wrapper._adapter_layer_state()
-        wrapper._set_adapter_layers(enabled)
+        switch()
 
     def __enter__(self) -> None:
         return None
@@ -282,12 +283,8 @@ class SteeringWrapper(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model: every adapter off inside the block, the previous state restored
         on exit (PEFT's ``PeftModel.disable_adapter``)."""
-        state = self._adapter_layer_state()
-        try:
-            self._set_adapter_layers(False)
+        with self.disable_adapters():
             yield
-        finally:
-            self._restore_adapter_layer_state(state)
 
     def enable_adapter_layers(self) -> None:
         """Switch every adapter on (PEFT's verb)."""
@@ -300,12 +297,12 @@ class SteeringWrapper(nn.Module):
     def enable_adapters(self) -> AdapterSwitch:
         """Switch every adapter on now (transformers' verb); as a context manager, switch back
         to the previous state on exit."""
-        return AdapterSwitch(self, True)
+        return AdapterSwitch(self, lambda: self._set_adapter_layers(True))
 
     def disable_adapters(self) -> AdapterSwitch:
         """Switch every adapter off now (transformers' verb); as a context manager
         (``with model.disable_adapters(): ...``), switch back to the previous state on exit."""
-        return AdapterSwitch(self, False)
+        return AdapterSwitch(self, lambda: self._set_adapter_layers(False))
 
     # --- PEFT verbs that have no meaning here ----------------------------------------------
 

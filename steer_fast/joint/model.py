@@ -53,7 +53,7 @@ from ..saved_state import (
 from ..saving import save_directory_atomically
 from ..shims import peft_adapter_layers_enabled
 from ..validation import check_learning_rate
-from ..wrapper import SteeringWrapper, full_tensor
+from ..wrapper import AdapterSwitch, SteeringWrapper, full_tensor
 from .constraint import LORA_ADAPTER_NAME, OrthogonalityConstraint
 from .files import (
     JOINT_CONFIG_NAME,
@@ -73,24 +73,22 @@ from .plan import ModelSnapshot, plan_joint
 INFERENCE_MODES: tuple[str, ...] = ("lora_only", "adapter_only", "all")
 
 
-class InferenceMode:
-    """The result of ``JointModel.set_inference_mode``: the switch has happened when it is
-    returned; used as a context manager, it puts the previous state of both parts back on exit
-    (like ``enable_adapters()`` / ``disable_adapters()``)."""
+class InferenceMode(AdapterSwitch):
+    """The result of ``JointModel.set_inference_mode``: the parts ``mode`` names run from when
+    it is returned; used as a context manager, it puts the previous state of both parts back on
+    exit."""
 
     def __init__(self, model: JointModel, mode: str) -> None:
         if not isinstance(mode, str) or mode not in INFERENCE_MODES:
             raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
         self.mode = mode
-        self._model = model
-        self._previous = model._adapter_layer_state()
-        model._set_parts(steering=mode != "lora_only", lora=mode != "adapter_only")
+        super().__init__(
+            model,
+            lambda: model._set_parts(steering=mode != "lora_only", lora=mode != "adapter_only"),
+        )
 
     def __enter__(self) -> InferenceMode:
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._model._restore_adapter_layer_state(self._previous)
 
 
 class JointModel(SteeringWrapper):
