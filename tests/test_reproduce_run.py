@@ -189,6 +189,8 @@ def test_a_method_that_cannot_run_is_skipped_with_its_reason(tiny_model_dir, tmp
     (["--steps", "0"], "steps must be an integer >= 1"),
     (["--seeds", "one"], "seeds must be integers"),
     (["--max-length", "10"], "max_length=10 is shorter than an example"),
+    (["--orthogonality-frequency", "0"], "orthogonality_frequency must be an integer >= 1"),
+    (["--orthogonality-frequency", "often"], "orthogonality_frequency must be an integer >= 1"),
 ])
 def test_bad_options_exit_2_before_anything_runs(argv, message, tiny_model_dir, tmp_path,
                                                  capsys):
@@ -196,6 +198,25 @@ def test_bad_options_exit_2_before_anything_runs(argv, message, tiny_model_dir, 
     assert run_cli([*SMALL, "--model", str(tiny_model_dir), "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_orthogonality_frequency_reaches_the_joint_constraint(tiny_model_dir, tmp_path):
+    """--orthogonality-frequency 1 projects before every step: the overlap O ends at zero and
+    the run differs from the unconstrained one; it is a result setting, so resuming with
+    another value is refused."""
+    out = tmp_path / "out"
+    argv = [*SMALL, "--model", str(tiny_model_dir), "--out", str(out), "--methods",
+            "joint_orth", "joint_plain"]
+    assert run_cli([*argv, "--orthogonality-frequency", "1"]) == 0
+    results = load(out)
+    runs = {r["method"]: r for r in results["runs"]}
+    orth = runs["joint_orth"]
+    assert orth["train"]["projection_steps"] == [0, 1, 2]
+    assert orth["details"]["orthogonality"]["frequency"] == 1
+    assert runs["joint_plain"]["details"]["orthogonality"]["constraint"] == "none"
+    assert orth["train"]["losses"][2] != runs["joint_plain"]["train"]["losses"][2]
+    assert results["settings"]["orthogonality_frequency"] == 1
+    assert run_cli([*argv, "--orthogonality-frequency", "step"]) == 2
 
 
 def test_bad_model_exits_2_before_anything_trains(tmp_path, capsys, monkeypatch):

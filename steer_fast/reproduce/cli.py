@@ -76,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--grad-accum", type=int, default=2,
                           help="micro-batches per optimizer step (default: 2, as the published "
                           "runs)")
+    training.add_argument("--orthogonality-frequency", default="100", metavar="N|step|epoch|init",
+                          help="when joint_orth's down-projection constraint projects: every N "
+                          "optimizer steps, every step, each epoch's start, or once at the "
+                          "start (default: 100, as published)")
     grids = " ".join(f"{m.name}={','.join(f'{r:g}' for r in m.learning_rates)}"
                      for m in METHODS.values() if m.trains)
     training.add_argument("--lr-grid", nargs="+", default=[], metavar="METHOD=LR[,LR...]",
@@ -119,6 +123,12 @@ def parse_lr_grid(entries: Sequence[str]) -> dict[str, tuple[float, ...]]:
     return grid
 
 
+def _frequency(value: str) -> int | str:
+    """``--orthogonality-frequency``: a number of steps as an int, a word as it is (checked by
+    ``ReproduceSettings``)."""
+    return int(value) if str(value).strip().lstrip("-").isdigit() else value
+
+
 def settings_from_args(args: argparse.Namespace):
     """The parsed options as ``runner.ReproduceSettings`` (ValueError for a bad value)."""
     from .runner import ReproduceSettings
@@ -134,7 +144,8 @@ def settings_from_args(args: argparse.Namespace):
         data_seed=args.data_seed, listops_max_tokens=args.listops_max_tokens,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
         lr_grid=parse_lr_grid(args.lr_grid), eval_batch_size=args.eval_batch_size,
-        threads=args.threads, measure_memory=not args.no_memory)
+        threads=args.threads, measure_memory=not args.no_memory,
+        orthogonality_frequency=_frequency(args.orthogonality_frequency))
 
 
 def _list() -> None:

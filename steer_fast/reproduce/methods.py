@@ -81,8 +81,9 @@ class Method:
             validation split; empty for a method that does not train.
         schedule: transformers' scheduler name ("linear", "cosine").
         warmup_ratio: the fraction of the steps used for warmup.
-        build: (fresh model, pad token id) -> Adapted.
+        build: (fresh model, pad token id, **options) -> Adapted.
         requires: the packages the method imports.
+        options: the ``runner.ReproduceSettings`` fields ``build`` takes as keyword arguments.
     """
 
     name: str
@@ -90,8 +91,9 @@ class Method:
     learning_rates: tuple[float, ...]
     schedule: str
     warmup_ratio: float
-    build: Callable[[nn.Module, int], Adapted]
+    build: Callable[..., Adapted]
     requires: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
 
     @property
     def trains(self) -> bool:
@@ -195,14 +197,15 @@ def down_projection_due(config: OrthogonalityConfig, step: int, epoch_start: boo
     return {"step": True, "epoch": epoch_start, "init": step == 0}[config.frequency]
 
 
-def _joint(constraint: str | None) -> Callable[[nn.Module, int], Adapted]:
-    def build(model: nn.Module, pad_token_id: int) -> Adapted:
+def _joint(constraint: str | None) -> Callable[..., Adapted]:
+    def build(model: nn.Module, pad_token_id: int, *,
+              orthogonality_frequency: int | str = 100) -> Adapted:
         import peft
 
         from .. import get_joint_model
 
-        orthogonality = OrthogonalityConfig() if constraint is None else OrthogonalityConfig(
-            constraint=constraint)
+        orthogonality = OrthogonalityConfig(frequency=orthogonality_frequency) if (
+            constraint is None) else OrthogonalityConfig(constraint=constraint)
         lora = peft.LoraConfig(r=LORA_RANK, target_modules=list(JOINT_LORA_TARGETS))
         joint = get_joint_model(model, SteerConfig(), lora, orthogonality)
 
@@ -316,8 +319,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _steer({"site": "mlp"})),
     Method("steer_attn", "steer_fast rank 8, SiLU, site attn", (9e-4,), "linear", 0.03,
            _steer({"site": "attn"})),
-    Method("joint_orth", "LoRA r=8 + steering, down-projection constraint every 100 steps",
-           (2e-4,), "cosine", 0.06, _joint(None), ("peft",)),
+    Method("joint_orth", "LoRA r=8 + steering, the down-projection constraint (every 100 "
+           "steps as published; --orthogonality-frequency)", (2e-4,), "cosine", 0.06,
+           _joint(None), ("peft",), ("orthogonality_frequency",)),
     Method("joint_plain", "LoRA r=8 + steering, no constraint", (2e-4,), "cosine", 0.06,
            _joint("none"), ("peft",)),
 )}

@@ -35,7 +35,11 @@ from .results import (
 
 # Settings that change what a run measures: a results file is resumed only when they match.
 RESULT_SETTINGS = ("model", "steps", "epochs", "train_size", "validation_size", "test_size",
-                   "data_seed", "listops_max_tokens", "batch_size", "grad_accum", "max_length")
+                   "data_seed", "listops_max_tokens", "batch_size", "grad_accum", "max_length",
+                   "orthogonality_frequency")
+
+# The values of ``--orthogonality-frequency`` besides a number of steps (as OrthogonalityConfig).
+FREQUENCY_WORDS = ("step", "epoch", "init")
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -63,7 +67,10 @@ class ReproduceSettings:
     ``tasks`` are names of ``tasks.TASK_NAMES`` or sources ``tasks.load_task`` reads (a local
     file or folder, a Hugging Face dataset id); ``lr_grid`` replaces the learning rates of the
     methods it names (see ``methods.METHODS`` for the defaults). ``steps`` None trains for
-    ``epochs`` passes over the training split. Bad values raise ValueError naming the option.
+    ``epochs`` passes over the training split. ``orthogonality_frequency`` is when the joint
+    methods' down-projection constraint projects (``OrthogonalityConfig.frequency``: every N
+    steps, or "step", "epoch", "init"; 100 as published). Bad values raise ValueError naming the
+    option.
     """
 
     tasks: tuple[str, ...]
@@ -85,6 +92,7 @@ class ReproduceSettings:
     eval_batch_size: int = 32
     threads: int | None = None
     measure_memory: bool = True
+    orthogonality_frequency: int | str = 100
 
     def __post_init__(self) -> None:
         from .tasks import TASK_NAMES
@@ -125,6 +133,9 @@ class ReproduceSettings:
         for name in ("max_length", "threads"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
+        frequency = self.orthogonality_frequency
+        if frequency not in FREQUENCY_WORDS:
+            _positive_int("orthogonality_frequency", frequency)
         self._check_lr_grid()
         if any(m.trains for m in self.selected()):
             _positive_int("train_size", self.train_size)
@@ -314,7 +325,8 @@ def run_one(prepared: Prepared, task: str, method_name: str, seed: int | None,
     transformers.set_seed(0 if seed is None else seed)
     model = copy.deepcopy(prepared.model)
     pad = prepared.tokenizer.pad_token_id
-    adapted = method.build(model, pad)
+    options = {name: getattr(settings, name) for name in method.options}
+    adapted = method.build(model, pad, **options)
     record: dict[str, Any] = {
         "task": task, "method": method_name, "seed": seed, "learning_rate": learning_rate,
         "trainable_parameters": adapted.trainable_parameters,
