@@ -1,0 +1,150 @@
+"""Argument checks for multi_adapter_steer, run before any kernel launches.
+
+Every failure is a ValueError that names the argument and says what was expected. The checks
+reuse the single-adapter helpers of ``steer_fast.validation`` for the floating tensors; what is
+new here is the stacked layout ([A, R, d] / [A, d, R] / [A, R] / [A, d]), the per-token
+``adapter_index`` and ``scales``, and one activation per slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .activations import ACTIVATIONS
+from .validation import _check_residual_and_agreement, _check_tensor
+
+INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
+PATHS: tuple[str, ...] = ("auto", "gather", "grouped")
+
+
+def check_path(path: object) -> str:
+    if not isinstance(path, str) or path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    return path
+
+
+def check_activations(activations: object, n_slots: int) -> tuple[str, ...]:
+    """One activation name per slot: a single name is repeated ``n_slots`` times.
+
+    Slot 0 (no steering) must still be given a valid name in a sequence; it is ignored.
+    """
+    if isinstance(activations, str):
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must name one of {ACTIVATIONS}, got {activations!r}")
+        return (activations,) * n_slots
+    if not isinstance(activations, Sequence):
+        raise ValueError(
+            f"activations must be a name or a sequence of {n_slots} names (one per slot), "
+            f"got {type(activations).__name__}"
+        )
+    names = tuple(activations)
+    if len(names) != n_slots:
+        raise ValueError(
+            f"activations must name one activation per slot: {n_slots} names for "
+            f"down_weights of shape [{n_slots}, R, d], got {len(names)}"
+        )
+    for slot, name in enumerate(names):
+        if not isinstance(name, str) or name not in ACTIVATIONS:
+            raise ValueError(
+                f"activations[{slot}] must be one of {ACTIVATIONS}, got {name!r}"
+            )
+    return names
+
+
+def check_multi_inputs(
+    hidden: torch.Tensor,
+    down_weights: torch.Tensor,
+    up_weights: torch.Tensor,
+    down_biases: torch.Tensor | None,
+    up_biases: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    adapter_index: torch.Tensor,
+    scales: torch.Tensor,
+) -> tuple[int, int]:
+    """Shapes, dtypes and devices of the op's tensors; returns (A, R).
+
+    hidden [..., d] (2-D or 3-D, d >= 1); down_weights [A, R, d]; up_weights [A, d, R];
+    down_biases [A, R]; up_biases [A, d]; residual hidden.shape; A >= 1, R >= 1. The floating
+    tensors share hidden's dtype and device. adapter_index: int32/int64, hidden.shape[:-1].
+    scales: floating, hidden.shape[:-1], not requiring grad. Index values are not checked here
+    (that needs a host sync): see ``check_index_values``.
+    """
+    _check_tensor("hidden", hidden, (2, 3))
+    _check_tensor("down_weights", down_weights, 3)
+    _check_tensor("up_weights", up_weights, 3)
+    hidden_size = hidden.shape[-1]
+    n_slots, rank = down_weights.shape[0], down_weights.shape[1]
+    if hidden_size < 1:
+        raise ValueError(f"hidden must have a last dimension >= 1, got shape {tuple(hidden.shape)}")
+    if n_slots < 1 or rank < 1:
+        raise ValueError(
+            f"down_weights must be [A, R, d] with A >= 1 slots and R >= 1, "
+            f"got {tuple(down_weights.shape)}"
+        )
+    if down_weights.shape[2] != hidden_size:
+        raise ValueError(
+            f"down_weights must be [A, R, {hidden_size}] to match hidden's last dimension, "
+            f"got {tuple(down_weights.shape)}"
+        )
+    if tuple(up_weights.shape) != (n_slots, hidden_size, rank):
+        raise ValueError(
+            f"up_weights must be [{n_slots}, {hidden_size}, {rank}] (slots, hidden size, rank "
+            f"of down_weights), got {tuple(up_weights.shape)}"
+        )
+    tensors = {"hidden": hidden, "down_weights": down_weights, "up_weights": up_weights}
+    for name, bias, shape in [
+        ("down_biases", down_biases, (n_slots, rank)),
+        ("up_biases", up_biases, (n_slots, hidden_size)),
+    ]:
+        if bias is not None:
+            _check_tensor(name, bias, 2)
+            if tuple(bias.shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)}, got {tuple(bias.shape)}")
+            tensors[name] = bias
+    _check_residual_and_agreement(hidden, residual, tensors)
+    _check_per_token(hidden, adapter_index, scales)
+    return n_slots, rank
+
+
+def _check_per_token(
+    hidden: torch.Tensor, adapter_index: torch.Tensor, scales: torch.Tensor
+) -> None:
+    tokens = tuple(hidden.shape[:-1])
+    for name, value in [("adapter_index", adapter_index), ("scales", scales)]:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tokens:
+            raise ValueError(
+                f"{name} must have shape {list(tokens)} (hidden.shape[:-1], one entry per "
+                f"token), got {tuple(value.shape)}"
+            )
+        if value.device != hidden.device:
+            raise ValueError(
+                f"{name} is on {value.device} but hidden is on {hidden.device}: "
+                "all tensors must be on one device"
+            )
+    if adapter_index.dtype not in INDEX_DTYPES:
+        raise ValueError(
+            f"adapter_index must have an integer dtype in {[str(d) for d in INDEX_DTYPES]}, "
+            f"got {adapter_index.dtype}"
+        )
+    if not scales.dtype.is_floating_point:
+        raise ValueError(f"scales must have a floating dtype, got {scales.dtype}")
+    if scales.requires_grad:
+        raise ValueError(
+            "scales requires grad, but scales are not differentiated: pass scales.detach()"
+        )
+
+
+def check_index_values(adapter_index: torch.Tensor, n_slots: int) -> None:
+    """Every slot in [0, n_slots). Reads two scalars back to the host (a device sync)."""
+    if adapter_index.numel() == 0:
+        return
+    low, high = int(adapter_index.min()), int(adapter_index.max())
+    if low < 0 or high >= n_slots:
+        raise ValueError(
+            f"adapter_index values must lie in [0, {n_slots}) (slot 0 = no steering, "
+            f"{n_slots} slots in down_weights), got values in [{low}, {high}]"
+        )
