@@ -13,7 +13,9 @@ from typing import Any
 from .activations import ACTIVATIONS
 from .adapter import PostBlockAdapter, SteeringVector
 from .config import SteerConfig
+from .mixed_batch import BASE_ADAPTER_NAME
 from .model import SteerModel, get_steer_model
+from .multi_adapter_op import multi_adapter_steer
 from .ops import post_block_steer, resolve_backend
 from .orthogonality import OrthogonalityConfig
 from .vector_op import steering_vector
@@ -39,6 +41,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ACTIVATIONS",
+    "BASE_ADAPTER_NAME",
     "JointModel",
     "JointTrainer",
     "OrthogonalityConfig",
@@ -48,6 +51,7 @@ __all__ = [
     "SteeringVector",
     "get_joint_model",
     "get_steer_model",
+    "multi_adapter_steer",
     "post_block_steer",
     "resolve_backend",
     "steering_vector",

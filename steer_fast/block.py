@@ -14,10 +14,17 @@ The block takes one of two paths, fixed when it is made (``steer_fast.injection`
   is fused with that branch's residual add too).
 - "plain": the layer runs as it is; its output (a tensor, or the first element of a tuple) is
   steered at "block", and forward hooks on the branch modules steer "attn" / "mlp".
+
+A block holds the model's first adapter ("default") in the attributes above and any further
+named adapters in ``steer_adapters`` (name -> site attribute -> module). One of them, the active
+adapter, runs on every row; a mixed batch (``steer_fast.mixed_batch``) instead gives each row
+its own adapter and strength, and every site then runs ``multi_adapter_steer`` over the stacked
+adapters of that site.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -28,7 +35,9 @@ import torch
 from torch import nn
 
 from .adapter import Steering
+from .config import SITES as SITE_ORDER
 from .families import FusedBlockSpec, run_fused_block
+from .mixed_batch import DEFAULT_ADAPTER_NAME, RowRouting, mixed_site_steerer
 from .shims import (
     checkpointed_call,
     checkpointing_active,
@@ -43,6 +52,8 @@ PATH_PLAIN = "plain"
 # site's module is ``steer_adapter``, the branch sites' ``steer_adapter_attn`` / ``_mlp``.
 ADAPTER_NAME = "steer_adapter"
 _STEERING_PARAMETER = re.compile(rf"(?:^|\.){ADAPTER_NAME}(?:_attn|_mlp)?\.")
+# (hidden, residual or None) -> the steered hidden state (residual + hidden when given).
+SiteSteerer = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def adapter_attribute(site: str) -> str:
@@ -161,6 +172,10 @@ class SteeredBlock(nn.Module):
         for site, adapter in adapters.items():
             setattr(self, adapter_attribute(site), adapter)
         self.sites = tuple(adapters)
+        # Further named adapters: "steer_adapters.{name}.{attribute}.{...}", whose parameter
+        # names contain ".steer_adapter[_attn|_mlp]." too (is_steering_parameter).
+        self.steer_adapters = nn.ModuleDict()
+        self.active_adapter = DEFAULT_ADAPTER_NAME
         self.layer_index = plan.index
         self.path = plan.path
         self.path_reason = plan.reason
@@ -168,20 +183,58 @@ class SteeredBlock(nn.Module):
         self._spec = plan.spec
         self._branch_ends = dict(plan.branch_ends)
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._attached = False
+        # Set by the model for the length of a mixed-batch call (``steer_fast.mixed_batch``).
+        self.routing: RowRouting | None = None
+        # The steerers of the call under way, for the branch hooks of the plain path.
+        self._steerers: dict[str, SiteSteerer] = {}
+        self._stack_cache: dict = {}
         self._layer_forward = layer_forward_function(base_layer)
         self._call = CallConvention.of(self._layer_forward) if plan.spec else None
         share_forward_hooks(self, base_layer)
 
-    def adapters(self) -> dict[str, Steering]:
-        """Site -> its steering module."""
-        return {site: getattr(self, adapter_attribute(site)) for site in self.sites}
+    def adapters(self, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, Steering]:
+        """Site -> the steering module of adapter ``adapter_name`` ("default": the model's
+        first adapter); empty when that adapter does not steer this layer."""
+        if adapter_name == DEFAULT_ADAPTER_NAME:
+            return {site: getattr(self, adapter_attribute(site)) for site in self.sites}
+        if adapter_name not in self.steer_adapters:
+            return {}
+        modules = self.steer_adapters[adapter_name]
+        return {site: modules[adapter_attribute(site)] for site in SITE_ORDER
+                if adapter_attribute(site) in modules}
+
+    def adapter_names(self) -> list[str]:
+        """The names of the adapters that steer this layer, the default first."""
+        names = [DEFAULT_ADAPTER_NAME] if self.sites else []
+        return names + list(self.steer_adapters)
+
+    def add_named_adapter(self, adapter_name: str, adapters: dict[str, Steering],
+                          branch_ends: dict[str, str]) -> None:
+        """Add adapter ``adapter_name`` (site -> module) besides the default; ``branch_ends``
+        names the branch modules of its branch sites (plain path; checked by the caller)."""
+        self.steer_adapters[adapter_name] = nn.ModuleDict(
+            {adapter_attribute(site): module for site, module in adapters.items()})
+        attached = self._attached
+        self.detach()
+        self._branch_ends.update(branch_ends)
+        if attached:
+            self.attach()
+        self._stack_cache.clear()
+
+    def delete_named_adapter(self, adapter_name: str) -> None:
+        """Take adapter ``adapter_name`` (not the default) off this layer, if it steers it."""
+        if adapter_name in self.steer_adapters:
+            del self.steer_adapters[adapter_name]
+        self._stack_cache.clear()
 
     # --- branch hooks (plain path) ---------------------------------------------------------
 
     def attach(self) -> None:
         """Put the branch sites' hooks on the branch modules (plain path; idempotent)."""
-        if self._hook_handles:
+        if self._attached:
             return
+        self._attached = True
         for site, path in self._branch_ends.items():
             module = self.base_layer.get_submodule(path)
             self._hook_handles.append(module.register_forward_hook(self._branch_hook(site)))
@@ -191,67 +244,98 @@ class SteeredBlock(nn.Module):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        self._attached = False
 
     def _branch_hook(self, site: str):
-        attribute = adapter_attribute(site)
-
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not self.steering_enabled:
+            steerer = self._steerers.get(site)
+            if steerer is None:
                 return None
-            return _steer_output(getattr(self, attribute), output, module)
+            return _steer_output(steerer, output, module)
 
         return hook
 
     # --- forward ---------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # The routing is read now and travels with the call, so that a checkpointed layer
+        # recomputed in the backward (after the mixed-batch call returned) routes alike.
+        run = functools.partial(self._steered_forward, self.routing)
         if checkpointing_active(self.base_layer, self.training):
-            return checkpointed_call(self.base_layer, self._steered_forward, args, kwargs)
-        return self._steered_forward(*args, **kwargs)
+            return checkpointed_call(self.base_layer, run, args, kwargs)
+        return run(*args, **kwargs)
 
-    def _steered_forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.steering_enabled:
+    def _steered_forward(self, routing: RowRouting | None, *args: Any, **kwargs: Any) -> Any:
+        steerers = self._site_steerers(routing) if self.steering_enabled else {}
+        if not steerers:
             return self._layer_forward(self.base_layer, *args, **kwargs)
         if self._spec is not None:
-            return self._fused_forward(args, kwargs)
-        output = self._layer_forward(self.base_layer, *args, **kwargs)
-        if "block" not in self.sites:
+            return self._fused_forward(steerers, args, kwargs)
+        self._steerers = steerers  # the branch hooks read them
+        try:
+            output = self._layer_forward(self.base_layer, *args, **kwargs)
+        finally:
+            self._steerers = {}
+        if "block" not in steerers:
             return output
-        return _steer_output(self.steer_adapter, output, self.base_layer)
+        return _steer_output(steerers["block"], output, self.base_layer)
 
-    def _fused_forward(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _fused_forward(
+        self, steerers: dict[str, SiteSteerer], args: tuple, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
         hidden_states, call_kwargs = self._call.split(args, kwargs)
-        add_attention = self._branch_add("attn") if "attn" in self.sites else None
         branch, residual = run_fused_block(
-            self.base_layer, self._spec, hidden_states, call_kwargs, add_attention
+            self.base_layer, self._spec, hidden_states, call_kwargs, steerers.get("attn")
         )
-        if "block" not in self.sites:
-            if "mlp" in self.sites:
-                return self._branch_add("mlp")(branch, residual)
+        if "block" not in steerers:
+            if "mlp" in steerers:
+                return steerers["mlp"](branch, residual)
             return residual + branch  # the layer's own add
-        if "mlp" in self.sites:
-            branch = steer_hidden_states(self.steer_adapter_mlp, branch)
-        return steer_hidden_states(self.steer_adapter, branch, residual)
+        if "mlp" in steerers:
+            branch = steerers["mlp"](branch, None)
+        return steerers["block"](branch, residual)
 
-    def _branch_add(self, site: str):
-        """(branch, residual) -> residual + the steered branch. A steering vector does both in
-        one pass (residual + branch + s b); a low-rank adapter reads the branch alone, so the
-        add follows it."""
-        adapter = getattr(self, adapter_attribute(site))
-        if adapter.rank == 0:
-            return lambda branch, residual: steer_hidden_states(adapter, branch, residual)
-        return lambda branch, residual: residual + steer_hidden_states(adapter, branch)
+    def _site_steerers(self, routing: RowRouting | None) -> dict[str, SiteSteerer]:
+        """Site -> how this call steers it: the active adapter's module on every row, or, in a
+        mixed batch, each row's own adapter."""
+        if routing is None:
+            return {site: _single_steerer(adapter, site)
+                    for site, adapter in self.adapters(self.active_adapter).items()}
+        steerers = {}
+        by_name = {name: self.adapters(name) for name in self.adapter_names()}
+        for site in SITE_ORDER:
+            members = {name: adapters[site] for name, adapters in by_name.items()
+                       if site in adapters}
+            if members:
+                steerers[site] = mixed_site_steerer(routing, site, members, self._stack_cache)
+        return steerers
 
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, path={self.path!r}, sites={list(self.sites)}"
 
 
-def _steer_output(adapter: Steering, output: Any, module: nn.Module) -> Any:
+def _single_steerer(adapter: Steering, site: str) -> SiteSteerer:
+    """(hidden, residual) -> the steered hidden, plus residual when given, with one adapter.
+
+    At the block site the adapter reads h = residual + hidden, the add fused into its op. At a
+    branch site a low-rank adapter reads the branch alone, so the add follows it; a steering
+    vector reads nothing and fuses the add there too (residual + branch + s b in one pass)."""
+    if site == "block" or adapter.rank == 0:
+        return functools.partial(steer_hidden_states, adapter)
+
+    def steer(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        steered = steer_hidden_states(adapter, hidden)
+        return steered if residual is None else residual + steered
+
+    return steer
+
+
+def _steer_output(steerer: SiteSteerer, output: Any, module: nn.Module) -> Any:
     """``output`` of ``module`` (a tensor, or a tuple whose first element is one) steered."""
     if isinstance(output, torch.Tensor):
-        return steer_hidden_states(adapter, output)
+        return steerer(output, None)
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (steer_hidden_states(adapter, output[0]), *output[1:])
+        return (steerer(output[0], None), *output[1:])
     raise TypeError(
         f"{type(module).__name__} returned {type(output).__name__}; a steered module must "
         "return its hidden states as a tensor or as the first element of a tuple"

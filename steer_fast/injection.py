@@ -244,6 +244,105 @@ def _plan_layer(index: int, layer: nn.Module, config: SteerConfig) -> LayerPlan:
     return LayerPlan(index, name, PATH_PLAIN, reason, branch_ends=branch_ends)
 
 
+@dataclass(frozen=True)
+class NamedAdapterPlan:
+    """Everything ``add_named_adapter`` will do for one more named adapter on a steered model.
+
+    Attributes:
+        config: the adapter's config, hidden_size and num_layers filled in.
+        dtype: the adapter's dtype.
+        new_layers: plans of the layers the adapter steers that have no SteeredBlock yet.
+        branch_ends: layer index -> site -> branch module path, for the plain-path blocks whose
+            hooks must now steer a branch site they did not.
+    """
+
+    config: SteerConfig
+    dtype: torch.dtype
+    new_layers: tuple[LayerPlan, ...]
+    branch_ends: dict[int, dict[str, str]]
+
+
+def plan_named_adapter(
+    model: nn.Module, layers_name: str, config: SteerConfig
+) -> NamedAdapterPlan:
+    """Validate ``config`` for one more adapter on the steered ``model`` and plan it; changes
+    nothing. It may steer other layers and sites than the model's other adapters, and differ in
+    rank, activation and scale; it must fit the same base model.
+
+    Raises:
+        ValueError: as ``plan_steering`` does for a bad config or another base model, and for a
+            branch site on a layer whose branch outputs are unknown.
+    """
+    config = _check_config(config)
+    layers = model.get_submodule(layers_name)
+    hidden_size = _hidden_size(model)
+    bases = [layer.base_layer if isinstance(layer, SteeredBlock) else layer for layer in layers]
+    for name, value, actual in (("hidden_size", config.hidden_size, hidden_size),
+                                ("num_layers", config.num_layers, len(layers))):
+        if value is not None and value != actual:
+            raise ValueError(
+                f"config: the adapter is for {name}={value}, but the model's is {actual} (an "
+                "adapter of another base model)"
+            )
+    indices = range(len(layers)) if config.layers is None else config.layers
+    out_of_range = [index for index in indices if index >= len(layers)]
+    if out_of_range:
+        raise ValueError(
+            f"config: layers {out_of_range} out of range: the model has {len(layers)} decoder "
+            "layers"
+        )
+    reference = _first_floating(bases[indices[0]])
+    dtype = config.dtype or (reference.dtype if reference is not None
+                             else torch.get_default_dtype())
+    for device in {_layer_device(bases[index]) for index in indices}:
+        resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
+    new_layers, branch_ends = [], {}
+    for index in indices:
+        block = layers[index]
+        if not isinstance(block, SteeredBlock):
+            new_layers.append(_plan_layer(index, block, config))
+            continue
+        missing = [site for site in config.site
+                   if site != "block" and block.path == PATH_PLAIN
+                   and site not in block._branch_ends]
+        if missing:
+            ends = branch_end_paths(block.base_layer) or {}
+            unknown = [site for site in missing if site not in ends]
+            if unknown:
+                raise ValueError(
+                    f"config: site {unknown}: layer {index} ({type(block.base_layer).__name__}) "
+                    "is not in the family table, so its branch outputs are unknown"
+                )
+            branch_ends[index] = {site: ends[site] for site in missing}
+    filled = dataclasses.replace(config, hidden_size=hidden_size, num_layers=len(layers))
+    return NamedAdapterPlan(filled, dtype, tuple(new_layers), branch_ends)
+
+
+def apply_named_adapter(
+    model: nn.Module, layers_name: str, adapter_name: str, plan: NamedAdapterPlan
+) -> None:
+    """Add the planned adapter as ``adapter_name`` to every layer it steers (new SteeredBlocks,
+    holding no default adapter, for layers that had none). Every module is built first, so a
+    failure leaves ``model`` as it was. New blocks start with the default adapter active: the
+    caller sets every block's ``active_adapter``."""
+    layers = model.get_submodule(layers_name)
+    config = plan.config
+    new_blocks = {layer_plan.index: SteeredBlock(layers[layer_plan.index], {}, layer_plan)
+                  for layer_plan in plan.new_layers}
+    indices = range(len(layers)) if config.layers is None else config.layers
+    modules = {}
+    for index in indices:
+        base = new_blocks[index].base_layer if index in new_blocks else layers[index].base_layer
+        device = _layer_device(base)
+        modules[index] = {site: make_steering(config, device, plan.dtype) for site in config.site}
+    for index, block in new_blocks.items():
+        layers[index] = block
+        block.attach()
+    for index in indices:
+        layers[index].add_named_adapter(adapter_name, modules[index],
+                                        plan.branch_ends.get(index, {}))
+
+
 def _layer_device(layer: nn.Module) -> torch.device:
     reference = next(iter([*layer.parameters(), *layer.buffers()]), None)
     return reference.device if reference is not None else torch.device("cpu")

@@ -12,28 +12,31 @@ and freezes everything else. ``steer_fast.injection`` finds the layers and plans
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .block import PATH_FUSED, PATH_PLAIN, SteeredBlock, is_steering_parameter
-from .config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig
+from .config import SteerConfig
 from .distributed import is_main_process as _is_main_process
 from .injection import apply_steering_plan, plan_steering, remove_steering, steered_blocks
+from .named_adapters import NamedAdapters
 from .saved_state import (
     check_is_trainable,
     raise_if_different,
     read_steering,
     structural_differences,
     with_backend,
-    write_steering_files,
 )
 from .saving import save_directory_atomically
+from .validation import check_scale
 from .wrapper import SteeringWrapper
 
 
-class SteerModel(SteeringWrapper):
+class SteerModel(NamedAdapters, SteeringWrapper):
     """A transformers model with post-block steering adapters, in the manner of a PeftModel.
 
     Build it with ``get_steer_model(model, config)``. Calls go to the wrapped model (``forward``
@@ -42,7 +45,10 @@ class SteerModel(SteeringWrapper):
     "_extra_state"), not the frozen base weights, so that a transformers Trainer checkpoint of a
     SteerModel is an adapter checkpoint; ``base_model.state_dict()`` has everything. PEFT's
     verbs (``disable_adapter()``, ``print_trainable_parameters()``, ``unload()``, ...) work as
-    in PEFT: see ``steer_fast.wrapper``.
+    in PEFT: see ``steer_fast.wrapper``. Further named adapters (``add_adapter``,
+    ``load_adapter``, ``set_adapter``, ``delete_adapter``) and mixed batches
+    (``adapter_names=`` and ``steering_scales=`` in forward and generate): see
+    ``steer_fast.named_adapters``.
 
     Args:
         model: a transformers model (any module whose decoder layers
@@ -63,13 +69,78 @@ class SteerModel(SteeringWrapper):
         self.layers_name = plan.layers_name
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(is_steering_parameter(name))
+        self._init_named_adapters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        steering_scales: Sequence[float] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's forward; ``adapter_names`` (one per row, "__base__" for none)
+        and ``steering_scales`` (one float per row) make it a mixed batch."""
+        batch_size, device = self._batch_size(
+            (), {"input_ids": input_ids, "inputs_embeds": inputs_embeds})
+        routing = self._routing(adapter_names, steering_scales, batch_size, device)
+        if routing is None:
+            return SteeringWrapper.forward(
+                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
+            )
+        self._route_rows(routing)
+        if torch.compiler.is_compiling():
+            # torch.compile traces no try/finally around the model: a traced call that raised
+            # leaves the routing set until the next call of this model sets its own.
+            output = SteeringWrapper.forward(
+                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
+            )
+            self._route_rows(None)
+            return output
+        try:
+            return SteeringWrapper.forward(
+                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
+            )
+        finally:
+            self._route_rows(None)
+
+    def generate(
+        self,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        steering_scales: Sequence[float] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's generate; ``adapter_names`` and ``steering_scales`` as in
+        ``forward`` (rows expanded for beams and several return sequences follow their row)."""
+        batch_size, device = self._batch_size(args, kwargs)
+        routing = self._routing(adapter_names, steering_scales, batch_size, device)
+        self._route_rows(routing)
+        try:
+            return SteeringWrapper.generate(self, *args, **kwargs)
+        finally:
+            self._route_rows(None)
+
+    def set_scale(self, scale: float, adapter_name: str | None = None) -> None:
+        """Set the steering strength s of adapter ``adapter_name``, or of every adapter
+        (0: no steering)."""
+        scale = check_scale(scale)
+        names = self.list_adapters() if adapter_name is None else [
+            self._check_loaded("adapter_name", adapter_name)]
+        for name in names:
+            for _, _, adapter in self._all_adapters(name):
+                adapter.scale = scale
+            self.steer_configs[name].scale = scale
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model, steered blocks in place."""
         return self.base_model
 
     def _steered_blocks(self) -> dict[int, SteeredBlock]:
-        return dict(sorted(steered_blocks(self.base_model).items()))
+        blocks = steered_blocks(self.base_model)
+        return {index: blocks[index] for index in sorted(blocks)}
 
     def _adapter_parameter_names(self) -> set[str]:
         return {name for name, _ in self.named_parameters() if is_steering_parameter(name)}
@@ -104,12 +175,17 @@ class SteerModel(SteeringWrapper):
     def _load_saved_state(self, values: dict[str, Any]) -> None:
         saved = SteerConfig.from_dict(values)
         raise_if_different(structural_differences(saved, self.steer_config), "steering config")
-        self.set_scale(saved.scale)
+        self.set_scale(saved.scale, adapter_name="default")
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, is_main_process: bool | None = None
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool | None = None,
+        selected_adapters: Sequence[str] | None = None,
     ) -> None:
-        """Write steer_config.json and steer_model.safetensors to ``save_directory``.
+        """Write steer_config.json and steer_model.safetensors to ``save_directory``: the
+        default adapter's at the top, every other adapter's in a subfolder of its name (as
+        PEFT does); ``selected_adapters`` (default: all) chooses which.
 
         The files are written to a new directory beside it, which then takes its place in one
         rename; other files in an existing ``save_directory`` are carried over. A failed save
@@ -119,13 +195,11 @@ class SteerModel(SteeringWrapper):
         transformers' argument), by default rank 0 of the default process group. Under FSDP2
         every process must call it, since the sharded adapters are gathered first.
         """
-        tensors = self.steering_tensors()
+        files, written = self._adapter_files(selected_adapters)
         if not (_is_main_process() if is_main_process is None else is_main_process):
             return
         save_directory_atomically(
-            save_directory,
-            lambda staging: write_steering_files(staging, self.steer_config, tensors),
-            (WEIGHTS_NAME, CONFIG_NAME),
+            save_directory, lambda staging: self._write_adapter_files(staging, files), written
         )
 
     @classmethod
@@ -139,7 +213,8 @@ class SteerModel(SteeringWrapper):
         """Steer ``model`` with the adapters saved in ``save_directory``.
 
         ``save_directory`` is a ``save_pretrained`` directory or a transformers Trainer
-        checkpoint of a SteerModel. Everything is checked before ``model`` is touched. With
+        checkpoint of a SteerModel; its default adapter is loaded (``load_adapter`` adds the
+        others, from their subfolders). Everything is checked before ``model`` is touched. With
         ``is_trainable=False`` the adapters are frozen and the model is put in eval mode.
         ``backend`` overrides the saved config's backend (e.g. "torch" to load on the CPU an
         adapter trained with backend="triton").

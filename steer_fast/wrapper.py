@@ -12,9 +12,10 @@ The verbs a PEFT user types mean what they mean in PEFT, on both models:
   also usable as context managers that switch back on exit;
 - ``print_trainable_parameters()``, ``get_nb_trainable_parameters()``, ``get_base_model()``,
   ``save_pretrained``, ``from_pretrained``, ``unload()``;
-- ``merge_and_unload``, ``merge_adapter``, ``unmerge_adapter``, ``add_adapter``,
-  ``load_adapter``, ``set_adapter`` and ``delete_adapter`` raise NotImplementedError saying
-  why, instead of reaching the wrapped transformers model's methods of the same names.
+- ``merge_and_unload``, ``merge_adapter`` and ``unmerge_adapter`` raise NotImplementedError
+  saying why, instead of reaching the wrapped transformers model's methods of the same names;
+  so do ``add_adapter``, ``load_adapter``, ``set_adapter`` and ``delete_adapter`` on a
+  JointModel (SteerModel has them: ``steer_fast.named_adapters``).
 
 ``disable_steering()`` switches the steering part alone off (the LoRA part of a JointModel keeps
 running).
@@ -215,14 +216,16 @@ class SteeringWrapper(nn.Module):
             raise ValueError(f"site must be one of the steered sites {list(sites)}, got {site!r}")
         attribute = adapter_attribute(site)
         return {
-            index: getattr(block, attribute) for index, block in self._steered_blocks().items()
+            index: getattr(block, attribute)
+            for index, block in self._steered_blocks().items()
+            if site in block.sites
         }
 
-    def _all_adapters(self) -> list[tuple[int, str, Steering]]:
+    def _all_adapters(self, adapter_name: str = "default") -> list[tuple[int, str, Steering]]:
         return [
             (index, site, adapter)
             for index, block in self._steered_blocks().items()
-            for site, adapter in block.adapters().items()
+            for site, adapter in block.adapters(adapter_name).items()
         ]
 
     def steering_paths(self) -> dict[int, str]:
@@ -319,21 +322,24 @@ class SteeringWrapper(nn.Module):
         """Not possible: nothing is ever merged (see ``merge_adapter``)."""
         raise NotImplementedError(_CANNOT_MERGE)
 
+    # SteerModel holds several named adapters (``steer_fast.named_adapters``); a JointModel one
+    # steering adapter and one LoRA adapter.
+
     def add_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported: a steer_fast model holds one adapter."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="add_adapter"))
+        """Not supported here: see ``_ONE_ADAPTER``."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="add_adapter", model=self))
 
     def load_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported: a steer_fast model holds one adapter."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="load_adapter"))
+        """Not supported here: see ``_ONE_ADAPTER``."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="load_adapter", model=self))
 
     def set_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported: a steer_fast model holds one adapter."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="set_adapter"))
+        """Not supported here: see ``_ONE_ADAPTER``."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="set_adapter", model=self))
 
     def delete_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported: a steer_fast model holds one adapter."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="delete_adapter"))
+        """Not supported here: see ``_ONE_ADAPTER``."""
+        raise NotImplementedError(_ONE_ADAPTER.format(verb="delete_adapter", model=self))
 
     # --- state -----------------------------------------------------------------------------
 
@@ -345,23 +351,27 @@ class SteeringWrapper(nn.Module):
         """Check that a loaded state_dict is for this model; take over its scale."""
         self._load_saved_state(decode_state(state, type(self).__name__))
 
-    def steering_tensors(self) -> dict[str, torch.Tensor]:
-        """Every steering tensor on the CPU, keyed as in steer_model.safetensors
-        (``steering_file_key``: "layers.{index}.{down,up}.{weight,bias}" at site "block").
+    def steering_tensors(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """Every steering tensor of adapter ``adapter_name`` on the CPU, keyed as in
+        steer_model.safetensors (``steering_file_key``: "layers.{index}.{down,up}.{weight,bias}"
+        at site "block").
 
         Tensors sharded by FSDP2 (DTensors) are gathered whole: under FSDP2 every process
         calls this (a collective)."""
         tensors = {}
-        for index, site, adapter in self._all_adapters():
+        for index, site, adapter in self._all_adapters(adapter_name):
             for name, tensor in adapter.state_dict().items():
                 key = steering_file_key(index, site, name)
                 tensors[key] = full_tensor(tensor.detach()).to("cpu").contiguous()
         return tensors
 
-    def load_steering_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy tensors keyed as ``steering_tensors`` gives them into the steering modules."""
+    def load_steering_tensors(
+        self, tensors: dict[str, torch.Tensor], adapter_name: str = "default"
+    ) -> None:
+        """Copy tensors keyed as ``steering_tensors`` gives them into the steering modules of
+        adapter ``adapter_name``."""
         with torch.no_grad():
-            for index, site, adapter in self._all_adapters():
+            for index, site, adapter in self._all_adapters(adapter_name):
                 for name, parameter in adapter.state_dict(keep_vars=True).items():
                     parameter.copy_(tensors[steering_file_key(index, site, name)])
 
@@ -396,8 +406,8 @@ _CANNOT_MERGE = (
     "and gives back the base model"
 )
 _ONE_ADAPTER = (
-    "{verb}: a steer_fast model holds one adapter; build another model with get_steer_model / "
-    "from_pretrained for another adapter"
+    "{verb}: a {model.__class__.__name__} holds one steering adapter and one LoRA adapter; "
+    "named adapters and mixed batches are SteerModel's (get_steer_model / from_pretrained)"
 )
 
 

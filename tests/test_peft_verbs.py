@@ -105,17 +105,14 @@ def test_parameter_counts_are_peft_s(kind, capsys):
     assert f"{trainable:,d}" in first_line and f"{total:,d}" in first_line
 
 
-@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize(
-    "verb, match",
+    "kind, verb, match",
     [
-        ("merge_and_unload", "cannot be merged"),
-        ("merge_adapter", "cannot be merged"),
-        ("unmerge_adapter", "cannot be merged"),
-        ("add_adapter", "one adapter"),
-        ("load_adapter", "one adapter"),
-        ("set_adapter", "one adapter"),
-        ("delete_adapter", "one adapter"),
+        *((kind, verb, "cannot be merged") for kind in MODELS
+          for verb in ("merge_and_unload", "merge_adapter", "unmerge_adapter")),
+        # SteerModel holds named adapters (tests/test_named_adapters.py); a JointModel does not.
+        *(("joint", verb, "JointModel holds one steering adapter and one LoRA adapter")
+          for verb in ("add_adapter", "load_adapter", "set_adapter", "delete_adapter")),
     ],
 )
 def test_verbs_without_meaning_raise_and_change_nothing(kind, verb, match):
