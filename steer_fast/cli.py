@@ -6,6 +6,7 @@
     steer-fast bench --suites training inference --rank 32 --activation silu
     steer-fast bench --config MistralConfig --config-kwargs '{"num_hidden_layers": 8}'
     steer-fast bench --config path/to/config.json --dtype bfloat16 --batch 8 --seq-len 512
+    steer-fast bench --suites mixed --adapters 1,4,16 --spread even    # many adapters, one batch
     steer-fast bench --list                   # presets and methods
 
 Each subcommand is a parser builder and a runner in ``COMMANDS``. The options of ``bench`` are
@@ -71,9 +72,10 @@ class _HelpFormatter(argparse.HelpFormatter):
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench", help="benchmark post-block steering against LoRA, LoReFT, forward hooks and "
-        "the floor", description="Run the kernel, training-step and inference suites on a model "
-        "with random weights, print markdown tables and write results.json, report.md and PNG "
-        "plots. It says first what it will run and about how long it will take.",
+        "the floor", description="Run the kernel, training-step and inference suites (and, when "
+        "named, the mixed suite: many adapters in one batch) on a model with random weights, "
+        "print markdown tables and write results.json, report.md and PNG plots. It says first "
+        "what it will run and about how long it will take.",
         formatter_class=_HelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for field in OPTIONS:
@@ -103,9 +105,17 @@ def options_from_args(args: argparse.Namespace, command: str) -> BenchmarkOption
     values = {f.name: getattr(args, f.name) for f in OPTIONS}
     for f in OPTIONS:  # values of a Sequence option: space- or comma-separated
         if f.type.startswith("Sequence") and values[f.name] is not None:
-            kind = int if "[int]" in f.type else str
+            kind = _integer if "[int]" in f.type else str
             values[f.name] = [kind(v) for value in values[f.name] for v in value.split(",") if v]
     return BenchmarkOptions(**values, command=command)
+
+
+def _integer(text: str) -> int | str:
+    """``text`` as an int, or as given when it is none: the settings then name the option."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def run_bench(args: argparse.Namespace, command: str) -> int:
@@ -117,8 +127,9 @@ def run_bench(args: argparse.Namespace, command: str) -> int:
                   f"{p.seq_len}, rank {p.rank}")
         for suite, table in METHODS.items():
             print(f"{suite} methods:")
+            width = max(18, *(len(name) + 1 for name in table))
             for name, method in table.items():
-                print(f"  {name:18s} {method.label}")
+                print(f"  {name:{width}s} {method.label}")
         return 0
     try:
         settings = BenchmarkSettings.from_options(options_from_args(args, command))

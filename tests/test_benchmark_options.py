@@ -60,10 +60,11 @@ def test_create_takes_the_options_and_nothing_else(tmp_path):
 
 
 def test_one_registry_names_every_suite_and_its_methods():
-    assert SUITES == tuple(METHODS) == ("kernel", "training", "inference")
+    assert SUITES == tuple(METHODS) == ("kernel", "training", "inference", "mixed")
     assert {"steer_fast_fused", "eager", "torch_compile"} <= set(METHODS["kernel"])
     assert {"lora_qv", "floor"} <= set(METHODS["training"])
     assert {"base", "lora_merged"} <= set(METHODS["inference"])
+    assert {"steer_mixed", "peft_lora_mixed", "steer_mixed_train"} <= set(METHODS["mixed"])
 
 
 def _package_imports(module: str) -> set[str]:

@@ -3,7 +3,8 @@
 A training or inference method's ``setup`` takes a ``MethodContext`` and returns a
 ``Candidate`` with its own copy of the model (built from the same seed as every other method's).
 A kernel method's ``setup`` takes the device and returns the function the kernel suite times,
-called like ``post_block_steer``. A method that cannot run on this machine raises
+called like ``post_block_steer``; a mixed method's takes a ``mixed_methods.MixedSetup`` and
+returns a ``mixed_methods.MixedCandidate``. A method that cannot run on this machine raises
 ``MethodUnavailable`` with the reason (a "skipped" row). Adding a method is one function,
 registered with ``@TRAINING_METHODS.register("my_method", "My method")`` (or the kernel or
 inference table); docs/benchmarks.md shows one.
@@ -26,6 +27,7 @@ from ..activations import activate
 from ..injection import find_decoder_layers
 from ..ops import post_block_steer, resolve_backend, triton_available
 from ..reference import reference_post_block_steer
+from . import mixed_methods as mixed
 from .models import ModelSpec, build_model
 
 TRITON_NEEDS_CUDA = ("the fused Triton kernels need CUDA; on the CPU they run only under the "
@@ -300,5 +302,17 @@ INFERENCE_METHODS = _table(
     ("lora_unmerged", "PEFT LoRA q,v unmerged", lora_qv),
     ("lora_merged", "PEFT LoRA q,v merged", functools.partial(lora_qv, merge=True)),
     ("loreft", "pyreft LoReFT", loreft_candidate))
-METHODS = {"kernel": KERNEL_METHODS, "training": TRAINING_METHODS, "inference": INFERENCE_METHODS}
+# The mixed suite's (``mixed_methods``): each setup takes a ``MixedSetup``; names ending in
+# "_train" are training steps, the others inference.
+MIXED_METHODS = _table(
+    ("base", "base model (no adapter)", mixed.base_method),
+    ("steer_single", "steer_fast, every row on one adapter", mixed.steer_single),
+    ("steer_mixed", "steer_fast mixed batch", mixed.steer_mixed),
+    ("steer_separate", "steer_fast, one batch per adapter", mixed.steer_separate),
+    ("peft_lora_mixed", "PEFT LoRA mixed batch", mixed.peft_lora_mixed),
+    ("steer_mixed_train", "steer_fast mixed-batch training", mixed.steer_mixed_train),
+    ("steer_separate_train", "steer_fast, adapters trained one at a time",
+     mixed.steer_separate_train))
+METHODS = {"kernel": KERNEL_METHODS, "training": TRAINING_METHODS, "inference": INFERENCE_METHODS,
+           "mixed": MIXED_METHODS}
 SUITES: tuple[str, ...] = tuple(METHODS)

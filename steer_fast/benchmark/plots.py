@@ -2,7 +2,9 @@
 
 Every bar is a median with whiskers over the interquartile range (min to max for records that
 have no quartiles); a noisy cell's bar is hatched and its label says "noisy"; a method that did
-not run keeps its place with its status and reason. All value axes start at zero.
+not run keeps its place with its status and reason. All value axes start at zero. The mixed
+suite's figure draws lines instead: tokens/s against the adapter count, one line per method and
+spread, whiskers over the interquartile range, noisy points hollow and red-edged.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .records import BenchmarkRecord
@@ -136,11 +139,77 @@ def plot_kernel(records: list[BenchmarkRecord], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-PLOTS = {"training": plot_training, "inference": plot_inference, "kernel": plot_kernel}
+def _tokens_per_s_spread(r: BenchmarkRecord) -> list[list[float]]:
+    """matplotlib's ``yerr`` of one point: tokens/s at the slow and fast quartiles of its time."""
+    if r.ms_p25 is None or r.ms_p75 is None or not r.ms_p25 or not r.ms_p75:
+        return [[0.0], [0.0]]
+    low, high = r.tokens_per_s * r.ms / r.ms_p75, r.tokens_per_s * r.ms / r.ms_p25
+    return [[max(r.tokens_per_s - low, 0.0)], [max(high - r.tokens_per_s, 0.0)]]
+
+
+def plot_mixed(rows: list[BenchmarkRecord], path: Path) -> None:
+    """One panel per phase (prefill, decode, training step): tokens/s against the adapter
+    count A (log scale), one colour per method, even spread solid, skewed dashed (from the
+    even point at A = 1, where the two spreads are the same)."""
+    phases = [p for p in ("prefill", "decode", "train") if any(r.phase == p for r in rows)]
+    labels = {r.method: r.label for r in rows}
+    colors = {method: f"C{i}" for i, method in enumerate(labels)}
+    counts = sorted({r.adapters for r in rows if r.adapters is not None})
+    styles = {"even": ("-", "o"), "skewed": ("--", "s")}
+    figure, axes = _figure(5.5 * len(phases), 5.8, len(phases))
+    not_run: dict[str, str] = {}
+    titles = {"prefill": "prefill", "decode": "decode (per token)", "train": "training step"}
+    for axis, phase in zip(axes, phases):
+        top = 1.0
+        for method in labels:
+            at = {(r.spread, r.adapters): r for r in rows if (r.method, r.phase) == (method, phase)}
+            for r in at.values():
+                if not r.ok:
+                    not_run[labels[method]] = short_reason(r)
+            for spread, (line, marker) in styles.items():
+                points = [at[key] for key in sorted(at) if key[0] == spread]
+                if spread == "skewed" and points and ("skewed", 1) not in at and (
+                        "even", 1) in at:
+                    points.insert(0, at["even", 1])  # the same batch at A = 1
+                measured = [r for r in points if r.ok and r.tokens_per_s]
+                if not measured:
+                    continue
+                axis.plot([r.adapters for r in measured], [r.tokens_per_s for r in measured],
+                          line, color=colors[method], marker=marker, markersize=4)
+                for r in measured:
+                    whiskers = _tokens_per_s_spread(r)
+                    axis.errorbar(r.adapters, r.tokens_per_s, yerr=whiskers, color=colors[method],
+                                  capsize=2, linewidth=0.8)
+                    if r.noisy:
+                        axis.plot(r.adapters, r.tokens_per_s, marker="o", markersize=9,
+                                  markerfacecolor="none", markeredgecolor="tab:red")
+                    top = max(top, r.tokens_per_s + whiskers[1][0])
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(counts, [str(c) for c in counts])
+        axis.set_ylim(0, top * 1.1)
+        axis.set(xlabel="adapters loaded (A)", ylabel="tokens/s (median; higher is faster)",
+                 title=titles[phase])
+    handles = [Line2D([], [], color=colors[m], label=label) for m, label in labels.items()
+               if label not in not_run]
+    handles += [Line2D([], [], color="black", linestyle=line, marker=marker,
+                       label=f"{spread} spread") for spread, (line, marker) in styles.items()]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4),
+                  fontsize=8)
+    first = rows[0]
+    skipped = "".join(f"\nnot run: {label} ({reason[:80]})" for label, reason in not_run.items())
+    figure.suptitle(f"Mixed batches, {first.batch} rows x {first.seq_len} tokens - {first.model}, "
+                    f"{first.dtype}\n{first.device_name}\nlines: median; whiskers: interquartile "
+                    f"range; red rings: noisy (see report.md){skipped}", fontsize=9)
+    figure.savefig(path, dpi=110)
+
+
+PLOTS = {"training": plot_training, "inference": plot_inference, "kernel": plot_kernel,
+         "mixed": plot_mixed}
 
 
 def write_plots(records: list[BenchmarkRecord], folder: Path) -> list[Path]:
-    """training.png, inference.png and kernel.png for the suites present in ``records``."""
+    """training.png, inference.png, kernel.png and mixed.png for the suites present in
+    ``records``."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     written = []
     for suite, plot in PLOTS.items():

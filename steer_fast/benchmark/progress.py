@@ -3,7 +3,8 @@
 ``probe_model`` times the model under test once (built as every method builds it, no adapter:
 a training forward + backward with input gradients, a prefill and a decoded token) and each
 suite turns that into its expected duration from its timing plan (``ModelSuite.estimate_s``,
-``kernel_suite.estimate_s``). ``Progress`` shows elapsed time and the time left: for the suite
+``kernel_suite.estimate_s``; the mixed suite probes its own batch shape with ``probe_mixed``,
+``mixed_suite.estimate_s``). ``Progress`` shows elapsed time and the time left: for the suite
 running now, the larger of its current timing block's measured rest (its rounds left times its
 measured round time) and what is left of the suite (extrapolated from the time its finished
 part took, once it reports one, else from its estimate); plus the estimates of the suites still
@@ -75,6 +76,30 @@ def probe_model(settings) -> Probe:
     times = _call_seconds(built.pop(), tokens, s.device)
     release_memory(s.device)
     return Probe(build_s, *times)
+
+
+class MixedProbe(NamedTuple):
+    """Seconds the model under test takes once at the mixed suite's batch shape."""
+
+    build_s: float  # building it with its weights
+    step_s: float  # a training forward + backward of the B x T batch, input gradients only
+    prefill_s: float  # a prefill of the B x T prompt
+    token_s: float  # one decoded token of the B rows
+    call_s: float  # one decoded token of a single row: a call on a small batch
+
+
+def probe_mixed(settings, rows: int, length: int) -> MixedProbe:
+    """Time the model of ``settings`` once per kind of call on ``rows`` x ``length`` tokens,
+    and one decoded token of one row."""
+    s, built = settings, []
+    build_s = _seconds(lambda: built.append(build_model(s.spec, s.device, s.seed)), s.device)
+    model = built.pop()
+    tokens = make_tokens(s.spec, rows, length, s.device, s.seed)
+    times = _call_seconds(model, tokens, s.device)
+    call_s = _call_seconds(model, tokens[:1], s.device)[2]
+    del model
+    release_memory(s.device)
+    return MixedProbe(build_s, *times, call_s)
 
 
 def format_duration(seconds: float) -> str:

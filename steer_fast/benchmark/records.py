@@ -38,7 +38,9 @@ class BenchmarkRecord:
     the call processed (batch x seq_len for a training step or a prefill, batch per decoded token).
     ``peak_mem_bytes`` is measured as ``memory_measure`` says. Kernel rows also fill ``pass_``
     to ``roofline_pct`` (``gbps``: minimum bytes over the measured time); inference rows fill
-    ``phase``."""
+    ``phase``; mixed-suite rows fill ``phase`` ("prefill", "decode" or "train"), ``adapters``
+    (A, the adapters loaded) and ``spread`` (how the rows spread over them: "even" or
+    "skewed"). Results written before these two fields existed load with them None."""
 
     suite: str
     method: str
@@ -77,6 +79,8 @@ class BenchmarkRecord:
     min_bytes: int | None = None
     gbps: float | None = None
     roofline_pct: float | None = None
+    adapters: int | None = None
+    spread: str | None = None
     torch_version: str = ""
     triton_version: str | None = None
     transformers_version: str | None = None

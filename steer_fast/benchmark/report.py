@@ -3,8 +3,9 @@
 The report opens with any sign that the machine was busy (the machine check's warnings, and
 how many timing cells the noise rule marked). The headline then says in one sentence per
 baseline how steer_fast compared with it in this run, before its table. Ratios are time divided
-by the reference's time: below 1 is faster than the reference. A noisy cell says "noisy" next
-to its time; rows of methods that did not run keep their place with their status and reason.
+by the reference's time: below 1 is faster than the reference (in the mixed suite's section,
+tokens/s over the reference's tokens/s: above 1 is faster). A noisy cell says "noisy" next to
+its time; rows of methods that did not run keep their place with their status and reason.
 """
 
 from __future__ import annotations
@@ -179,7 +180,104 @@ def _kernel(records: list[BenchmarkRecord]) -> list[str]:
     return parts
 
 
-SECTIONS = {"training": _training, "inference": _inference, "kernel": _kernel}
+# The mixed suite's phases in report order, with their headings.
+MIXED_PHASES = {"prefill": "prefill of the B x T prompt", "decode": "KV-cache decode",
+                "train": "training step (forward, backward, AdamW over the A adapters)"}
+# The mixed suite's comparisons: per compared method, its references and their short names.
+MIXED_COMPARISONS = {
+    "steer_mixed": {"peft_lora_mixed": "PEFT", "steer_separate": "separate",
+                    "steer_single": "single"},
+    "steer_mixed_train": {"steer_separate_train": "one at a time"},
+}
+
+
+def _and(items: Sequence[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def mixed_comparison(case: str, subject: BenchmarkRecord, references: list[BenchmarkRecord]
+                     ) -> str:
+    """One sentence: ``subject``'s tokens/s as a multiple of each reference's, measured side by
+    side at the same A and spread (``case`` says which), with a caveat for noisy cells."""
+    if not subject.ok:
+        return f"- {case}: {subject.label} did not run ({short_reason(subject)})."
+    measured = [r for r in references if r.ok]
+    text = f"- {case}: {subject.label}"
+    if measured:
+        ratios = [f"{subject.tokens_per_s / r.tokens_per_s:.2f}x" for r in measured]
+        clauses = [f"{ratios[0]} the tokens/s of {measured[0].label}",
+                   *(f"{ratio} that of {r.label}" for ratio, r in zip(ratios[1:], measured[1:]))]
+        values = _and([format_count(r.tokens_per_s) for r in measured])
+        text += (f" reaches {_and(clauses)} ({format_count(subject.tokens_per_s)} vs {values} "
+                 "tokens/s)")
+        noisy = [r.label for r in (subject, *measured) if r.noisy]
+        if noisy:
+            text += (f"; but {_and(noisy)} {'is' if len(noisy) == 1 else 'are'} noisy, so "
+                     f"{'this ratio is' if len(measured) == 1 else 'these ratios are'} not "
+                     "reliable")
+    else:
+        text += f": {format_count(subject.tokens_per_s)} tokens/s"
+    missing = [f"{r.label} not measured here ({short_reason(r)})" for r in references if not r.ok]
+    return text + "".join(f"; {m}" for m in missing) + "."
+
+
+def _mixed(records: list[BenchmarkRecord]) -> list[str]:
+    """Per phase: one sentence per (A, spread) comparing the mixed batch with PEFT's, with one
+    batch per adapter and with one adapter for every row; a table of tokens/s; then the peak
+    memory of every method."""
+    first = records[0]
+    parts = ["## Mixed batches: many adapters, one batch",
+             f"{first.batch} rows x {first.seq_len} tokens, A adapters loaded, each row on its own "
+             "adapter (even: row i -> adapter i mod A; skewed: half of the rows on one adapter). "
+             "Cells: tokens/s, median (higher is faster); ratios: tokens/s over the reference's, "
+             "measured side by side in this run (above 1x is faster)."]
+    cases = list(dict.fromkeys((r.adapters, r.spread) for r in records))
+    labels = {r.method: r.label for r in records}  # in table order
+    at = {(r.adapters, r.spread, r.method, r.phase): r for r in records}
+    for phase, title in MIXED_PHASES.items():
+        methods = [m for m in labels if any(key[2:] == (m, phase) for key in at)]
+        if not methods:
+            continue
+        comparisons = [(subject, references) for subject, references in MIXED_COMPARISONS.items()
+                       if subject in methods]
+        ratio_columns = [(subject, reference, f"mixed vs {short}")
+                         for subject, references in comparisons
+                         for reference, short in references.items() if reference in methods]
+        sentences, table = [], []
+        for count, spread in cases:
+            row = {m: at.get((count, spread, m, phase)) for m in methods}
+            if not any(row.values()):
+                continue
+            for subject, references in comparisons:
+                if row[subject] is not None:
+                    sentences.append(mixed_comparison(
+                        f"A = {count}, {spread}", row[subject],
+                        [row[r] for r in references if row.get(r) is not None]))
+            cells = ["-" if r is None else (format_count(r.tokens_per_s)
+                                            + (" (noisy)" if r.noisy else "")) if r.ok
+                     else short_reason(r).split(":")[0] for r in row.values()]
+            ratios = [format_ratio(*(None if r is None or not r.ok else r.tokens_per_s
+                                     for r in (row[subject], row[reference])))
+                      for subject, reference, _ in ratio_columns]
+            table.append([str(count), spread, *cells, *ratios])
+        header = " | ".join(["A", "spread", *(labels[m] for m in methods),
+                             *(column for _, _, column in ratio_columns)])
+        parts += [f"### Mixed: {title}, tokens/s", "\n".join(sentences), _table(header, table)]
+    memory, methods = [], list(labels)
+    for count, spread in cases:
+        cells = []
+        for method in methods:
+            found = [at[key] for key in ((count, spread, method, p) for p in MIXED_PHASES)
+                     if key in at]
+            cells.append(" / ".join(format_bytes(r.peak_mem_bytes) for r in found) or "-")
+        memory.append([str(count), spread, *cells])
+    parts += ["### Mixed: peak memory (prefill / decode, or the training step)",
+              _table(" | ".join(["A", "spread", *labels.values()]), memory)]
+    return parts
+
+
+SECTIONS = {"training": _training, "inference": _inference, "kernel": _kernel, "mixed": _mixed}
 
 
 def noise_warning(records: list[BenchmarkRecord]) -> str | None:

@@ -1,8 +1,9 @@
 """Run the chosen suites, then write results.json, report.md and the PNG plots.
 
 A run first says what it will run; then checks the machine (``machine.MachineCheck``) and times
-the model once (``progress.probe_model``) to say about how long it will take; then runs the
-suites under a progress bar counted in seconds; then checks the machine again.
+the model once (``progress.probe_model``; the mixed suite at its own batch shape,
+``progress.probe_mixed``) to say about how long it will take; then runs the suites under a
+progress bar counted in seconds; then checks the machine again.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import NamedTuple
 
 import torch
 
-from . import kernel_suite
+from . import kernel_suite, mixed_suite
 from .kernel_suite import run_kernel_suite
 from .machine import MachineCheck
 from .memory import MEASURES
 from .methods import METHODS, expected_to_run
+from .mixed_methods import CHECK_TOKENS, INIT_GAIN
+from .mixed_suite import run_mixed_suite
 from .model_suite import INFERENCE_SUITE, LEARNING_RATE, TRAINING_SUITE
 from .progress import Progress, format_duration, probe_model
 from .records import BenchmarkRecord, RunContext, environment, save_records, write_text_atomic
@@ -33,6 +36,7 @@ SUITE_RUNNERS = {
     "inference": (INFERENCE_SUITE.run,
                   lambda ctx, probe, _: INFERENCE_SUITE.estimate_s(ctx, probe)),
     "kernel": (run_kernel_suite, lambda ctx, _, flops: kernel_suite.estimate_s(ctx, flops)),
+    "mixed": (run_mixed_suite, lambda ctx, probe, _: mixed_suite.estimate_s(ctx)),
 }
 
 
@@ -76,6 +80,10 @@ def describe_run(settings: BenchmarkSettings) -> str:
         if suite == "kernel":
             shapes = len(kernel_suite.grid_cases(RunContext(s, {})))
             what = f"{shapes} shape{'s' * (shapes > 1)} x {len(kernel_suite.PASSES)} passes, {what}"
+        if suite == "mixed":
+            rows, length = mixed_suite.batch_shape(s)
+            what = (f"A in {{{', '.join(map(str, s.adapters))}}} x {', '.join(s.spreads)} "
+                    f"spread, {rows} rows x {length} tokens, {what}")
         lines.append(f"  {suite}: {what}")
     threads = f"{torch.get_num_threads()} torch threads" if s.threads is None else (
         f"{s.threads} torch thread{'s' * (s.threads > 1)}")
@@ -98,17 +106,63 @@ def run_notes(settings: BenchmarkSettings, host_allocator: str | None, machine: 
     if settings.device.type == "cpu" and settings.threads == CPU_THREADS:
         threads += " (the CPU default, as the committed CPU results; --threads to change)"
     notes = [f"- Host allocator: {host_allocator}"] if host_allocator else []
+    # A run of the mixed suite without the training and inference suites has its own notes.
+    model_notes = not ("mixed" in settings.suites
+                       and not {"training", "inference"} & set(settings.suites))
     return notes + [
         f"- Threads: {threads}; size: {settings.size}",
         machine.note(),
-        f"- Training: AdamW(lr={LEARNING_RATE}, weight_decay=0) over each method's trainable "
-        "parameters; LoRA alpha = r, no dropout; LoReFT, steer_fast and the forward hooks on "
-        "every layer, every position, the hooks with steer_fast's adapters and weights",
-        f"- Inference: prefill of the {settings.batch} x {settings.seq_len} prompt, then "
-        f"{settings.decode_tokens} greedy tokens with the KV cache, time per token",
+        *([f"- Training: AdamW(lr={LEARNING_RATE}, weight_decay=0) over each method's trainable "
+           "parameters; LoRA alpha = r, no dropout; LoReFT, steer_fast and the forward hooks on "
+           "every layer, every position, the hooks with steer_fast's adapters and weights",
+           f"- Inference: prefill of the {settings.batch} x {settings.seq_len} prompt, then "
+           f"{settings.decode_tokens} greedy tokens with the KV cache, time per token"]
+          if model_notes else []),
         f"- Timing: medians over repeats after warm-ups; {timing}",
         f"- Peak memory: {MEASURES[settings.device.type]}",
-        f"- Seed {settings.seed} for every method's weights and data"]
+        f"- Seed {settings.seed} for every method's weights and data",
+        *(mixed_notes(settings) if "mixed" in settings.suites else [])]
+
+
+def peft_default_targets(model_type: str) -> str:
+    """PEFT's default LoRA target modules for ``model_type`` (what LoraConfig uses without
+    target_modules), as "q_proj, v_proj"."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError:
+        return "unknown (peft is not installed)"
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+    return ", ".join(targets) if targets else f"none known for {model_type}"
+
+
+def mixed_notes(settings: BenchmarkSettings) -> list[str]:
+    """The report's notes on the mixed suite: its batch, spreads, methods and checks."""
+    rows, length = mixed_suite.batch_shape(settings)
+    model_type = getattr(settings.spec.config, "model_type", "?")
+    one_spread = ("; the skewed spread at A = 1 is the even one, run once"
+                  if 1 in settings.adapters and set(settings.spreads) == {"even", "skewed"}
+                  else "")
+    return [
+        f"- Mixed: B = max(batch {settings.batch}, largest A {max(settings.adapters)}) = {rows} "
+        f"rows of T = batch x seq_len / B = {length} tokens (as many prompt tokens as the "
+        "inference suite), the same for every A and method, so that every adapter can have a "
+        f"row; {settings.decode_tokens} greedy tokens decoded per row through the KV cache",
+        "- Mixed spreads: even, row i -> adapter i mod A; skewed, every other row on one adapter "
+        "and the rest round robin over the other A - 1 (at A >= B / 2 some adapters then have "
+        f"no row){one_spread}",
+        f"- Mixed methods: A adapters named \"default\", \"a1\", ... at rank {settings.rank}, "
+        f"random weights (gain {INIT_GAIN}) so that none is the identity; steer_fast on every "
+        f"layer with {settings.activation}; PEFT LoRA r = alpha = {settings.rank}, no dropout, "
+        f"PEFT's default target modules for {model_type}: {peft_default_targets(model_type)}; "
+        "one batch per adapter runs set_adapter, then that adapter's rows, adapter after "
+        "adapter (decoding each adapter's rows to the end before the next); training: "
+        f"AdamW(lr={LEARNING_RATE}, weight_decay=0) over the A adapters, one adapter at a time "
+        "weighting each adapter's loss by its share of the rows, then one AdamW step",
+        f"- Mixed checks before timing: the mixed batches' logits (every position of the first "
+        f"{CHECK_TOKENS} tokens of each row, and one decoded token) must equal those of each "
+        "adapter run alone on its rows, the mixed training step's gradients those of the "
+        "adapters trained one at a time, and every steering method must change the base "
+        "model's logits; a method that fails is reported failed"]
 
 
 def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> BenchmarkRun:

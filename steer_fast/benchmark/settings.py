@@ -8,7 +8,8 @@ and size) and checks every value, before anything runs.
 A run has one of three sizes: "quick" (``--quick``: a smoke test), "default" and "full"
 (``--full``: the whole kernel grid and the longer timing budgets the committed results used).
 On CUDA the default is the full size; on the CPU it is the full grid's methods on a quarter of
-its kernel shapes, with shorter timing budgets: 3 to 5 minutes on two cores.
+its kernel shapes, with shorter timing budgets: 3 to 5 minutes on two cores. The mixed suite
+(many adapters in one batch) runs only when ``--suites`` names it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from ..activations import ACTIVATIONS
 from .methods import METHODS, SUITES
+from .mixed_methods import SPREADS
 from .models import PRESETS, ModelPreset, ModelSpec, build_spec
 from .timing import TimingPlan
 
@@ -35,6 +37,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 RESULTS_ROOT = Path("steer-fast-bench")
 # torch threads on the CPU without --threads: the committed CPU results' setting.
 CPU_THREADS = 1
+# The suites a run without --suites runs: the mixed suite only when named.
+DEFAULT_SUITES: tuple[str, ...] = ("kernel", "training", "inference")
+# The mixed suite's adapter counts A by size, without --adapters.
+MIXED_ADAPTERS = {"quick": (1, 4), "default": (1, 4, 16, 64), "full": (1, 4, 16, 64)}
 # The option groups of the command line's help, in this order.
 WHAT, MODEL, SHAPES, OUTPUT = ("what to run", "model (random weights, nothing downloaded)",
                                "shapes", "output")
@@ -61,7 +67,8 @@ def device_name(device: str) -> str:
 class BenchmarkOptions:
     """Every option of a run as given: None (or the default) where the user chose nothing."""
 
-    suites: Sequence[str] | None = option(f"suites to run, from {list(SUITES)}", WHAT, "all",
+    suites: Sequence[str] | None = option(f"suites to run, from {list(SUITES)}", WHAT,
+                                          f"{' '.join(DEFAULT_SUITES)}; mixed only when named",
                                           metavar="SUITE")
     methods: Sequence[str] | None = option("only these methods, as --list names them", WHAT,
                                            "all", metavar="METHOD")
@@ -102,6 +109,14 @@ class BenchmarkOptions:
     kernel_hidden_sizes: Sequence[int] | None = option("hidden sizes of the kernel grid", SHAPES,
                                                        "per device", metavar="D",
                                                        flag="--kernel-hidden")
+    adapters: Sequence[int] | None = option(
+        "the mixed suite's adapter counts A, each loaded on one model", SHAPES,
+        f"{','.join(map(str, MIXED_ADAPTERS['default']))}; "
+        f"{','.join(map(str, MIXED_ADAPTERS['quick']))} with --quick", metavar="A")
+    spread: Sequence[str] | None = option(
+        "how the mixed suite's rows spread over the adapters: even (row i -> adapter i mod A) "
+        "or skewed (half the rows on one adapter, the rest spread evenly over the others)",
+        SHAPES, ",".join(SPREADS), metavar="SPREAD")
     seed: int = option("seed of every method's weights and data", SHAPES, default=0)
     out: str | Path | None = option("output folder", OUTPUT,
                                     f"./{RESULTS_ROOT}/<device>-<date>/ in the current "
@@ -137,15 +152,16 @@ KERNEL_GRIDS = {
     (False, "full"): KernelGrid((1024, 4096), (256, 1024), (16, 64), ("identity", "silu"),
                                 (torch.float32, torch.bfloat16)),
 }
-# (on CUDA, size) -> the kernel, training-step and inference timing plans, each as
+# (on CUDA, size) -> the kernel, training-step, inference and mixed timing plans, each as
 # (warmup, min_repeats, max_repeats, budget_s). Outside "quick", at least 7 repeats per model
-# cell and 10 per kernel cell, so that every cell has quartiles to judge its noise by.
+# cell and 10 per kernel cell, so that every cell has quartiles to judge its noise by (the
+# mixed suite's, at least 5 on CUDA, where one batch per adapter decodes 64 batches a token).
 TIMING_PLANS = {
-    (True, "quick"): ((5, 10, 100, 0.1), (3, 5, 20, 1.0), (2, 3, 10, 1.0)),
-    (True, "full"): ((10, 20, 500, 0.3), (5, 10, 50, 5.0), (3, 5, 20, 3.0)),
-    (False, "quick"): ((2, 5, 20, 0.2), (1, 3, 3, 1.0), (1, 3, 5, 0.5)),
-    (False, "default"): ((2, 10, 100, 0.3), (1, 7, 15, 8.0), (1, 7, 15, 3.0)),
-    (False, "full"): ((3, 10, 200, 1.0), (2, 10, 40, 30.0), (2, 5, 30, 6.0)),
+    (True, "quick"): ((5, 10, 100, 0.1), (3, 5, 20, 1.0), (2, 3, 10, 1.0), (1, 3, 5, 0.5)),
+    (True, "full"): ((10, 20, 500, 0.3), (5, 10, 50, 5.0), (3, 5, 20, 3.0), (2, 5, 15, 2.0)),
+    (False, "quick"): ((2, 5, 20, 0.2), (1, 3, 3, 1.0), (1, 3, 5, 0.5), (1, 3, 3, 0.5)),
+    (False, "default"): ((2, 10, 100, 0.3), (1, 7, 15, 8.0), (1, 7, 15, 3.0), (1, 7, 10, 2.0)),
+    (False, "full"): ((3, 10, 200, 1.0), (2, 10, 40, 30.0), (2, 5, 30, 6.0), (2, 7, 20, 4.0)),
 }
 
 
@@ -172,6 +188,8 @@ class BenchmarkSettings:
     out: Path
     plots: bool
     command: str
+    adapters: tuple[int, ...] = MIXED_ADAPTERS["default"]  # the mixed suite's A, ascending
+    spreads: tuple[str, ...] = SPREADS  # the mixed suite's row spreads
 
     @classmethod
     def create(cls, **options: Any) -> BenchmarkSettings:
@@ -187,7 +205,7 @@ class BenchmarkSettings:
             raise ValueError("quick and full exclude each other; pass one of --quick, --full")
         cuda = device.type == "cuda"
         size = "quick" if o.quick else "full" if o.full or cuda else "default"
-        suites = _check_choices("suites", o.suites or SUITES, SUITES)
+        suites = _check_choices("suites", o.suites or DEFAULT_SUITES, SUITES)
         default = "llama-3.2-1b" if device.type == "cuda" else "cpu-small"
         preset = PRESETS[_one_of("preset", o.preset or default, sorted(PRESETS))]
         if o.config_kwargs is not None and not isinstance(o.config_kwargs, dict):
@@ -215,6 +233,13 @@ class BenchmarkSettings:
                 if not values:
                     raise ValueError(f"{name} must list at least one integer >= 1")
                 grid = grid._replace(**{field_: tuple(_positive(name, v) for v in values)})
+        adapters = MIXED_ADAPTERS[size]
+        if o.adapters is not None:
+            if isinstance(o.adapters, (str, bytes)) or not o.adapters:
+                raise ValueError(f"adapters must list at least one integer >= 1, got "
+                                 f"{o.adapters!r}")
+            adapters = tuple(sorted({_positive("adapters", value) for value in o.adapters}))
+        spreads = SPREADS if o.spread is None else _check_choices("spread", o.spread, SPREADS)
         threads = _positive("threads", o.threads, None if cuda else CPU_THREADS)
         repeats = _positive("repeats", o.repeats)
         fixed = dict(warmup=_positive("warmup", o.warmup), min_repeats=repeats, max_repeats=repeats)
@@ -233,7 +258,7 @@ class BenchmarkSettings:
                    decode_tokens=decode_tokens, seed=int(o.seed), methods=methods,
                    kernel_grid=grid, timing=timing, threads=threads,
                    interleave=bool(o.interleave), out=out, plots=o.plots,
-                   command=o.command or invoked_as())
+                   command=o.command or invoked_as(), adapters=adapters, spreads=spreads)
 
     @property
     def dtype_name(self) -> str:
