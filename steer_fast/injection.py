@@ -246,7 +246,7 @@ def _plan_layer(index: int, layer: nn.Module, config: SteerConfig) -> LayerPlan:
 
 @dataclass(frozen=True)
 class NamedAdapterPlan:
-    """Everything ``add_named_adapter`` will do for one more named adapter on a steered model.
+    """Everything ``apply_named_adapter`` will do for one more named adapter on a steered model.
 
     Attributes:
         config: the adapter's config, hidden_size and num_layers filled in.
