@@ -166,8 +166,9 @@ def mixed_site_steerer(
         fuse = site == "block"
         out = multi_adapter_steer(
             hidden.to(dtype), down, up, down_bias, up_bias,
-            adapter_index=per_token(slots, hidden).contiguous(),
-            scales=per_token(row_scales, hidden).contiguous(),
+            # Expanded views: the op flattens them into contiguous [N] tensors itself.
+            adapter_index=per_token(slots, hidden),
+            scales=per_token(row_scales, hidden),
             activations=activations,
             residual=None if residual is None or not fuse else residual.to(dtype),
             backend=modules[0].backend,

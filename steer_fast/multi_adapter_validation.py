@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .activations import ACTIVATIONS
-from .validation import _check_residual_and_agreement, _check_tensor
+from .validation import _check_residual_and_agreement, _check_tensor, check_activation
 
 INDEX_DTYPES: tuple[torch.dtype, ...] = (torch.int32, torch.int64)
 PATHS: tuple[str, ...] = ("auto", "gather", "grouped")
@@ -31,9 +30,7 @@ def check_activations(activations: object, n_slots: int) -> tuple[str, ...]:
     Slot 0 (no steering) must still be given a valid name in a sequence; it is ignored.
     """
     if isinstance(activations, str):
-        if activations not in ACTIVATIONS:
-            raise ValueError(f"activations must name one of {ACTIVATIONS}, got {activations!r}")
-        return (activations,) * n_slots
+        return (check_activation(activations, "activations"),) * n_slots
     if not isinstance(activations, Sequence):
         raise ValueError(
             f"activations must be a name or a sequence of {n_slots} names (one per slot), "
@@ -46,10 +43,7 @@ def check_activations(activations: object, n_slots: int) -> tuple[str, ...]:
             f"down_weights of shape [{n_slots}, R, d], got {len(names)}"
         )
     for slot, name in enumerate(names):
-        if not isinstance(name, str) or name not in ACTIVATIONS:
-            raise ValueError(
-                f"activations[{slot}] must be one of {ACTIVATIONS}, got {name!r}"
-            )
+        check_activation(name, f"activations[{slot}]")
     return names
 
 

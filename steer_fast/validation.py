@@ -17,9 +17,9 @@ TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.f
 TORCH_DTYPES: tuple[torch.dtype, ...] = (*TRITON_DTYPES, torch.float64)
 
 
-def check_activation(activation: object) -> str:
+def check_activation(activation: object, name: str = "activation") -> str:
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
 
 
