@@ -1,13 +1,36 @@
-"""The backward of multi_adapter_steer: a grouped kernel and a fixed-order per-slot reduction.
+"""The backward of multi_adapter_steer: a rows kernel, a column-stationary kernel over per-slot
+token ranges, and a fixed-order per-slot reduction.
 
-The maths, the layout and why the backward always sorts tokens by slot are specified in
-``steer_fast.kernels.multi_adapter_steer``. Partial row j of the fp32 buffer (one per slot block,
-``partial_stride`` = 2 R d + d + R floats) is laid out as
+The maths and the forward are specified in ``steer_fast.kernels.multi_adapter_steer``; this is
+the multi-adapter form of the single-adapter backward in ``steer_fast.kernels.post_block_steer``
+(same three launches, same block-shape heuristic ``default_backward_config``). Tokens are sorted
+by slot once (``sort_by_slot``), and the sorted list is cut twice:
+
+    row blocks   of rows_block_m positions (``cut_slot_blocks``), one slot each
+    token units  of unit_rows positions, one slot each: a slot with many rows gets several
+                 units, a slot with a few rows one; at most cdiv(N, unit_rows) + min(A, N)
+
+Launches:
+    1. rows kernel, a program per row block: s_r = g U_a over column chunks (tl.dot on the
+       slot's tiles), gz = s phi_a'(z) * s_r, stored fp32 [N, R] by sorted position. Slot-0 and
+       empty blocks do nothing.
+    2. columns kernel, a program per (column tile, token unit): holds its slot's tiles of D_a,
+       U_a and bu_a and walks the unit's positions BLOCK_M at a time, writing dh = g + gz D_a
+       out of place and accumulating the tile's dD_a, dU_a, dbu_a (and dbd_a on column tile 0)
+       in registers; h is rebuilt as out - s (a U_a^T + bu_a). At the end it writes its unit's
+       fp32 partial for its column tile. Slot-0 units copy g into dh and write no partial.
+    3. ``_reduce_slot_grads_kernel`` sums each slot's unit partials in unit order (fixed, hence
+       deterministic, no atomics) and casts them; slot 0 and slots without rows get zeros.
+
+Partial row u of the fp32 buffer (``partial_stride`` = 2 R d + d + R floats) is laid out as
 
     [dD (R x d, row-major) | dU (d x R, row-major) | dbu (d) | dbd (R)]
 
-and holds block j's contribution to its slot's gradients. Slot-0 and empty blocks write no row;
-the reduction never reads them.
+The buffer has one row per token unit: (splits + A) rows at most, where splits is the token-split
+count of the single-adapter backward (about two programs per SM, at least 256 tokens each). At
+N = 16k, d = 4096, R = 16 on a 132-SM GPU that is 5 splits: 7 rows (3.7 MB) with one adapter and
+69 rows (36 MB, against 17 MB of bf16 weight gradients) with 64, where a partial per 32-row block
+would take 280 MB. The price, as in the single-adapter backward, is a second read of g.
 """
 
 from __future__ import annotations
@@ -20,23 +43,26 @@ import triton
 import triton.language as tl
 
 from .multi_adapter_common import (
-    MultiAdapterConfig,
     activate_slot,
     activation_derivative_slot,
     activation_kwargs,
-    default_grouped_config,
-    plan_slot_blocks,
+    cut_slot_blocks,
     rows_per_outer,
+    sort_by_slot,
     weight_strides,
 )
 from .post_block_steer import (
+    BackwardConfig,
     KernelLaunch,
     LaunchPlan,
     _dot,
     _dot_types,
     _load_weight_tile,
+    _num_sms,
     _row_offsets,
     _row_strides,
+    _token_splits,
+    default_backward_config,
     padded_rank,
 )
 
@@ -44,9 +70,66 @@ _REDUCE_BLOCK = 1024
 
 
 @triton.jit
-def _grouped_backward_kernel(
-    grad_out_ptr, out_ptr, z_ptr, down_weights_ptr, up_weights_ptr, up_biases_ptr,
-    scales_ptr, activation_ids_ptr, order_ptr, block_slot_ptr, block_start_ptr, block_end_ptr,
+def _slot_activation(activation_ids_ptr, slot, ACTIVATION: tl.constexpr):
+    """The slot's activation id when the slots mix phis (ACTIVATION = -1); else unused."""
+    if ACTIVATION >= 0:
+        act = 0
+    else:
+        act = tl.load(activation_ids_ptr + slot)
+    return act
+
+
+@triton.jit
+def _multi_backward_rows_kernel(
+    grad_out_ptr, z_ptr, up_weights_ptr, scales_ptr, activation_ids_ptr,
+    order_ptr, block_slot_ptr, block_start_ptr, block_end_ptr, grad_z_ptr,
+    hidden_size, rank, rows_per_outer,
+    stride_grad_outer, stride_grad_inner, stride_grad_col,
+    stride_up_slot, stride_up_col, stride_up_rank,
+    ACTIVATION: tl.constexpr, ACTIVATION_SET: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """gz = s phi_a'(z) * (g U_a) for one row block of slot a, stored fp32 by sorted position."""
+    pid = tl.program_id(0)
+    slot = tl.load(block_slot_ptr + pid).to(tl.int64)
+    if slot != 0:
+        positions = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_M)
+        row_mask = positions < tl.load(block_end_ptr + pid)
+        rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
+        grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
+        ranks = tl.arange(0, R_PAD)
+        rank_mask = ranks < rank
+        up_ptr = up_weights_ptr + slot * stride_up_slot
+
+        projected = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+        for start in range(0, hidden_size, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_mask = cols < hidden_size
+            g = tl.load(
+                grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
+                mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+            )
+            up = _load_weight_tile(
+                up_ptr, cols, ranks, stride_up_col, stride_up_rank, col_mask, rank_mask
+            )
+            projected = _dot(g, up, projected, OPERAND_DTYPE, INPUT_PRECISION)
+
+        small_mask = row_mask[:, None] & rank_mask[None, :]
+        z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0)
+        scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        act = _slot_activation(activation_ids_ptr, slot, ACTIVATION)
+        grad_z = scale[:, None] * activation_derivative_slot(z, act, ACTIVATION, ACTIVATION_SET)
+        tl.store(
+            grad_z_ptr + positions[:, None] * rank + ranks[None, :], grad_z * projected,
+            mask=small_mask,
+        )
+
+
+@triton.jit
+def _multi_backward_cols_kernel(
+    grad_out_ptr, out_ptr, z_ptr, down_weights_ptr, up_weights_ptr, up_biases_ptr, grad_z_ptr,
+    scales_ptr, activation_ids_ptr, order_ptr, unit_slot_ptr, unit_start_ptr, unit_end_ptr,
     grad_hidden_ptr, partial_ptr,
     hidden_size, rank, rows_per_outer, partial_stride,
     stride_grad_outer, stride_grad_inner, stride_grad_col,
@@ -57,21 +140,26 @@ def _grouped_backward_kernel(
     OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    """dh for one slot block (out of place) and the block's weight-gradient partials."""
-    pid = tl.program_id(0)
-    slot = tl.load(block_slot_ptr + pid).to(tl.int64)
-    positions = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_M)
-    row_mask = positions < tl.load(block_end_ptr + pid)
-    rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
-    grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
+    """dh for a column tile over one token unit (one slot's run of sorted positions), and the
+    unit's weight-gradient partials for that tile."""
+    pid_col = tl.program_id(0)
+    pid_unit = tl.program_id(1)
+    slot = tl.load(unit_slot_ptr + pid_unit).to(tl.int64)
+    unit_start = tl.load(unit_start_ptr + pid_unit)
+    unit_end = tl.load(unit_end_ptr + pid_unit)
+    cols = pid_col * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < hidden_size
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
 
     if slot == 0:
-        # No steering: dh = g, and no weight gradient.
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < hidden_size)[None, :]
+        # No steering: dh = g, and no weight gradient. (Empty units have start = end.)
+        for block_start in range(unit_start, unit_end, BLOCK_M):
+            positions = block_start + tl.arange(0, BLOCK_M)
+            row_mask = positions < unit_end
+            rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
+            grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
+            mask = row_mask[:, None] & col_mask[None, :]
             g = tl.load(
                 grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
                 mask=mask, other=0.0,
@@ -81,89 +169,86 @@ def _grouped_backward_kernel(
                 g.to(grad_hidden_ptr.dtype.element_ty), mask=mask,
             )
     else:
-        down_ptr = down_weights_ptr + slot * stride_down_slot
-        up_ptr = up_weights_ptr + slot * stride_up_slot
-        # Masked rows get s = 0 and z = 0, so their gz, s a and s g are 0 below.
-        scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-
-        # Pass 1: s_r = g U_a, then gz = s phi'(z) * s_r.
-        projected = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
-            g = tl.load(
-                grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-                mask=row_mask[:, None] & col_mask[None, :], other=0.0, eviction_policy="evict_last",
-            )
-            up = _load_weight_tile(
-                up_ptr, cols, ranks, stride_up_col, stride_up_rank, col_mask, rank_mask
-            )
-            projected = _dot(g, up, projected, OPERAND_DTYPE, INPUT_PRECISION)
-        z = tl.load(
-            z_ptr + rows[:, None] * rank + ranks[None, :],
-            mask=row_mask[:, None] & rank_mask[None, :], other=0.0,
+        down = _load_weight_tile(
+            down_weights_ptr + slot * stride_down_slot, ranks, cols, stride_down_rank,
+            stride_down_col, rank_mask, col_mask,
         )
-        if ACTIVATION >= 0:
-            act = 0
+        up_t = _load_weight_tile(
+            up_weights_ptr + slot * stride_up_slot, ranks, cols, stride_up_rank, stride_up_col,
+            rank_mask, col_mask,
+        )
+        if HAS_UP_BIAS:
+            up_bias = tl.load(
+                up_biases_ptr + slot * stride_up_bias_slot + cols * stride_up_bias_col,
+                mask=col_mask, other=0.0,
+            ).to(tl.float32)
         else:
-            act = tl.load(activation_ids_ptr + slot)
-        grad_z = scale[:, None] * activation_derivative_slot(z, act, ACTIVATION, ACTIVATION_SET)
-        grad_z = grad_z * projected
-        a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
-        scaled_a = scale[:, None] * a
+            up_bias = tl.zeros((BLOCK_D,), tl.float32)
+        act = _slot_activation(activation_ids_ptr, slot, ACTIVATION)
 
-        # Pass 2: dh, the rebuilt h, and this block's partials, column chunk by column chunk.
-        partial = partial_ptr + pid.to(tl.int64) * partial_stride
-        n_weight = rank * hidden_size
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
+        grad_down = tl.zeros((R_PAD, BLOCK_D), tl.float32)
+        grad_up = tl.zeros((BLOCK_D, R_PAD), tl.float32)
+        grad_up_bias = tl.zeros((BLOCK_D,), tl.float32)
+        grad_down_bias = tl.zeros((R_PAD,), tl.float32)
+        for block_start in range(unit_start, unit_end, BLOCK_M):
+            positions = block_start + tl.arange(0, BLOCK_M)
+            row_mask = positions < unit_end
+            rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
             mask = row_mask[:, None] & col_mask[None, :]
+            small_mask = row_mask[:, None] & rank_mask[None, :]
             dense_offsets = rows[:, None] * hidden_size + cols[None, :]
+
+            grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
             g = tl.load(
                 grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-                mask=mask, other=0.0, eviction_policy="evict_first",
+                mask=mask, other=0.0,
             )
-            down = _load_weight_tile(
-                down_ptr, ranks, cols, stride_down_rank, stride_down_col, rank_mask, col_mask
+            grad_z = tl.load(
+                grad_z_ptr + positions[:, None] * rank + ranks[None, :], mask=small_mask,
+                other=0.0,
             )
+            z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0)
+            a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
+            # Masked rows get s = 0: their s a and s g are 0 below.
+            scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+            scaled_a = scale[:, None] * a
+
             grad_h = _dot(grad_z, down, g.to(tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
             tl.store(
                 grad_hidden_ptr + dense_offsets, grad_h.to(grad_hidden_ptr.dtype.element_ty),
                 mask=mask,
             )
+
             # Rebuild h = out - s (a U_a^T + bu_a) instead of having kept it from the forward.
-            up_t = _load_weight_tile(
-                up_ptr, ranks, cols, stride_up_rank, stride_up_col, rank_mask, col_mask
-            )
+            out = tl.load(out_ptr + dense_offsets, mask=mask, other=0.0)
             delta = _dot(
                 a, up_t, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), OPERAND_DTYPE,
                 INPUT_PRECISION,
             )
-            if HAS_UP_BIAS:
-                delta += tl.load(
-                    up_biases_ptr + slot * stride_up_bias_slot + cols * stride_up_bias_col,
-                    mask=col_mask, other=0.0,
-                ).to(tl.float32)[None, :]
-            out = tl.load(out_ptr + dense_offsets, mask=mask, other=0.0)
-            h = out.to(tl.float32) - scale[:, None] * delta
+            h = out.to(tl.float32) - scale[:, None] * (delta + up_bias[None, :])
 
-            zero_down = tl.zeros((R_PAD, BLOCK_D), tl.float32)
-            grad_down = _dot(tl.trans(grad_z), h, zero_down, OPERAND_DTYPE, INPUT_PRECISION)
-            zero_up = tl.zeros((BLOCK_D, R_PAD), tl.float32)
-            grad_up = _dot(tl.trans(g), scaled_a, zero_up, OPERAND_DTYPE, INPUT_PRECISION)
-            grad_up_bias = tl.sum(scale[:, None] * g.to(tl.float32), axis=0)
-            tl.store(
-                partial + ranks[:, None] * hidden_size + cols[None, :], grad_down,
-                mask=rank_mask[:, None] & col_mask[None, :],
-            )
-            tl.store(
-                partial + n_weight + cols[:, None] * rank + ranks[None, :], grad_up,
-                mask=col_mask[:, None] & rank_mask[None, :],
-            )
-            tl.store(partial + 2 * n_weight + cols, grad_up_bias, mask=col_mask)
+            grad_down = _dot(tl.trans(grad_z), h, grad_down, OPERAND_DTYPE, INPUT_PRECISION)
+            grad_up = _dot(tl.trans(g), scaled_a, grad_up, OPERAND_DTYPE, INPUT_PRECISION)
+            grad_up_bias += tl.sum(scale[:, None] * g.to(tl.float32), axis=0)
+            grad_down_bias += tl.sum(grad_z, axis=0)
+
+        partial = partial_ptr + pid_unit.to(tl.int64) * partial_stride
+        n_weight = rank * hidden_size
         tl.store(
-            partial + 2 * n_weight + hidden_size + ranks, tl.sum(grad_z, axis=0), mask=rank_mask
+            partial + ranks[:, None] * hidden_size + cols[None, :], grad_down,
+            mask=rank_mask[:, None] & col_mask[None, :],
+        )
+        tl.store(
+            partial + n_weight + cols[:, None] * rank + ranks[None, :], grad_up,
+            mask=col_mask[:, None] & rank_mask[None, :],
+        )
+        tl.store(partial + 2 * n_weight + cols, grad_up_bias, mask=col_mask)
+        # Every column tile sums the same gz; tile 0 writes it (the test is broadcast to a
+        # block, as in the single-adapter columns kernel).
+        first_tile = (ranks * 0 + pid_col) == 0
+        tl.store(
+            partial + 2 * n_weight + hidden_size + ranks, grad_down_bias,
+            mask=rank_mask & first_tile,
         )
 
 
@@ -174,7 +259,7 @@ def _reduce_slot_grads_kernel(
     hidden_size, rank,
     BLOCK: tl.constexpr,
 ):
-    """One chunk of one slot's gradients: its blocks' partials summed in block order (fixed,
+    """One chunk of one slot's gradients: its units' partials summed in unit order (fixed,
     hence deterministic), cast to the weight dtype. Slot 0 and unused slots get zeros."""
     slot = tl.program_id(1).to(tl.int64)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -182,7 +267,7 @@ def _reduce_slot_grads_kernel(
     partial_stride = 2 * n_weight + hidden_size + rank
     mask = offsets < partial_stride
     first = tl.load(first_block_ptr + slot)
-    # Slot 0's blocks wrote no partials: sum none of them.
+    # Slot 0's units wrote no partials: sum none of them.
     last = tl.where(slot == 0, first, first + tl.load(blocks_ptr + slot))
     total = tl.zeros((BLOCK,), tl.float32)
     for block in range(first, last):
@@ -230,10 +315,12 @@ def plan_backward(
     adapter_index: torch.Tensor,
     scales: torch.Tensor,
     activations: Sequence[str],
-    config: MultiAdapterConfig | None = None,
+    config: BackwardConfig | None = None,
 ) -> LaunchPlan:
-    """Allocate the backward's outputs and buffers, build the slot-block table (device ops) and
-    describe the two launches. ``out`` and ``z`` are what the forward returned."""
+    """Allocate the backward's outputs and buffers, build the row-block and token-unit tables
+    (device ops, no host sync) and describe the three launches. ``out`` and ``z`` are what the
+    forward returned; ``config`` takes the single-adapter backward's block shapes, whose
+    ``splits`` is the token-split count behind the unit size."""
     n_slots, rank, hidden_size = down_weights.shape
     n_rows = out.numel() // hidden_size
     device = out.device
@@ -250,52 +337,83 @@ def plan_backward(
             weight_grad.zero_()
         return LaunchPlan([], result)
 
-    config = config or default_grouped_config(hidden_size, rank)
+    config = config or default_backward_config(hidden_size, rank, out.dtype)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    table = plan_slot_blocks(adapter_index, n_slots, config.block_m)
+    sort = sort_by_slot(adapter_index, n_slots)
+    row_blocks = cut_slot_blocks(sort, config.rows_block_m)
+    n_col_tiles = triton.cdiv(hidden_size, config.cols_block_d)
+    splits = config.splits or _token_splits(
+        n_rows, config.cols_block_m, n_col_tiles, _num_sms(device)
+    )
+    # A unit holds at most a token split's worth of a slot's rows, in whole columns-kernel blocks.
+    unit_rows = triton.cdiv(triton.cdiv(n_rows, config.cols_block_m), splits) * config.cols_block_m
+    units = cut_slot_blocks(sort, unit_rows)
     partial_stride = 2 * rank * hidden_size + hidden_size + rank
-    partials = torch.empty((table.grid, partial_stride), dtype=torch.float32, device=device)
+    partials = torch.empty((units.grid, partial_stride), dtype=torch.float32, device=device)
+    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
     operand_dtype, input_precision = _dot_types(out.dtype)
-    grouped = KernelLaunch(
-        _grouped_backward_kernel,
-        (table.grid,),
+    # The parameters the rows and columns kernels share, under the same names.
+    shared = dict(
+        grad_out_ptr=grad_out,
+        z_ptr=z,
+        up_weights_ptr=up_weights,
+        scales_ptr=scales,
+        order_ptr=sort.order,
+        grad_z_ptr=grad_z,
+        hidden_size=hidden_size,
+        rank=rank,
+        rows_per_outer=rows_per_outer(grad_out),
+        **_row_strides("grad", grad_out),
+        **activation_kwargs(activations, device, adapter_index),
+        OPERAND_DTYPE=operand_dtype,
+        INPUT_PRECISION=input_precision,
+        R_PAD=padded_rank(rank),
+    )
+    strides = weight_strides(down_weights, up_weights, up_biases)
+    rows_launch = KernelLaunch(
+        _multi_backward_rows_kernel,
+        (row_blocks.grid,),
         dict(
-            grad_out_ptr=grad_out,
-            out_ptr=out,
-            z_ptr=z,
-            down_weights_ptr=down_weights,
-            up_weights_ptr=up_weights,
-            up_biases_ptr=up_biases if up_biases is not None else up_weights,  # HAS_UP_BIAS
-            scales_ptr=scales,
-            order_ptr=table.order,
-            block_slot_ptr=table.block_slot,
-            block_start_ptr=table.block_start,
-            block_end_ptr=table.block_end,
-            grad_hidden_ptr=result.grad_hidden,
-            partial_ptr=partials,
-            hidden_size=hidden_size,
-            rank=rank,
-            rows_per_outer=rows_per_outer(grad_out),
-            partial_stride=partial_stride,
-            **_row_strides("grad", grad_out),
-            **weight_strides(down_weights, up_weights, up_biases),
-            **activation_kwargs(activations, device, adapter_index),
-            HAS_UP_BIAS=up_biases is not None,
-            OPERAND_DTYPE=operand_dtype,
-            INPUT_PRECISION=input_precision,
-            BLOCK_M=config.block_m,
-            BLOCK_D=config.block_d,
-            R_PAD=padded_rank(rank),
+            shared,
+            block_slot_ptr=row_blocks.block_slot,
+            block_start_ptr=row_blocks.block_start,
+            block_end_ptr=row_blocks.block_end,
+            stride_up_slot=strides["stride_up_slot"],
+            stride_up_col=strides["stride_up_col"],
+            stride_up_rank=strides["stride_up_rank"],
+            BLOCK_M=config.rows_block_m,
+            BLOCK_D=config.rows_block_d,
         ),
         options,
     )
-    reduce = KernelLaunch(
+    cols_launch = KernelLaunch(
+        _multi_backward_cols_kernel,
+        (n_col_tiles, units.grid),
+        dict(
+            shared,
+            out_ptr=out,
+            down_weights_ptr=down_weights,
+            up_biases_ptr=up_biases if up_biases is not None else up_weights,  # HAS_UP_BIAS
+            unit_slot_ptr=units.block_slot,
+            unit_start_ptr=units.block_start,
+            unit_end_ptr=units.block_end,
+            grad_hidden_ptr=result.grad_hidden,
+            partial_ptr=partials,
+            partial_stride=partial_stride,
+            **strides,
+            HAS_UP_BIAS=up_biases is not None,
+            BLOCK_M=config.cols_block_m,
+            BLOCK_D=config.cols_block_d,
+        ),
+        options,
+    )
+    reduce_launch = KernelLaunch(
         _reduce_slot_grads_kernel,
         (triton.cdiv(partial_stride, _REDUCE_BLOCK), n_slots),
         dict(
             partial_ptr=partials,
-            first_block_ptr=table.first_block,
-            blocks_ptr=table.blocks,
+            first_block_ptr=units.first_block,
+            blocks_ptr=units.blocks,
             grad_down_weights_ptr=result.grad_down_weights,
             grad_up_weights_ptr=result.grad_up_weights,
             grad_down_biases_ptr=result.grad_down_biases,
@@ -306,7 +424,7 @@ def plan_backward(
         ),
         {},  # Triton's default warps and stages
     )
-    return LaunchPlan([grouped, reduce], result)
+    return LaunchPlan([rows_launch, cols_launch, reduce_launch], result)
 
 
 def multi_adapter_steer_backward(
@@ -319,11 +437,11 @@ def multi_adapter_steer_backward(
     adapter_index: torch.Tensor,
     scales: torch.Tensor,
     activations: Sequence[str],
-    config: MultiAdapterConfig | None = None,
+    config: BackwardConfig | None = None,
 ) -> MultiSteerBackward:
-    """Run the backward: dh and per-block partials (grouped kernel), then the per-slot sums.
-    ``grad_out`` has the shape of ``out`` and any strides. Bias gradients are always
-    produced."""
+    """Run the backward: gz (rows kernel), dh and per-unit partials (columns kernel), then the
+    per-slot sums. ``grad_out`` has the shape of ``out`` and any strides. Bias gradients are
+    always produced."""
     plan = plan_backward(
         grad_out, out, z, down_weights, up_weights, up_biases, adapter_index, scales,
         activations, config,

@@ -118,20 +118,32 @@ def grid_blocks(n_rows: int, n_slots: int, block_m: int) -> int:
     return triton.cdiv(n_rows, block_m) + min(n_slots, n_rows)
 
 
-def plan_slot_blocks(adapter_index: torch.Tensor, n_slots: int, block_m: int) -> SlotBlocks:
-    """Sort tokens by slot and cut the sorted list into per-slot blocks, on the device."""
+class SlotSort(NamedTuple):
+    """Tokens sorted by slot: what every slot-block table of one index is cut from."""
+
+    order: torch.Tensor  # [N] int64: tokens sorted by slot, stable
+    bounds: torch.Tensor  # [A + 1] int64: first sorted position of each slot, then N
+
+
+def sort_by_slot(adapter_index: torch.Tensor, n_slots: int) -> SlotSort:
+    """Stable argsort of the index and each slot's bounds in the sorted list, on the device."""
     index = adapter_index.reshape(-1)
-    device = index.device
     # An out-of-range slot (possible only with the op's index check off) is left unsteered, as
     # on the gather path, instead of leaving its rows outside every block (never written).
     index = torch.where((index >= 0) & (index < n_slots), index, 0)
     order = torch.argsort(index, stable=True)
-    slots = torch.arange(n_slots + 1, device=device, dtype=index.dtype)
-    bounds = torch.searchsorted(index[order], slots)  # [A + 1]
+    slots = torch.arange(n_slots + 1, device=index.device, dtype=index.dtype)
+    return SlotSort(order=order, bounds=torch.searchsorted(index[order], slots))
+
+
+def cut_slot_blocks(sort: SlotSort, block_m: int) -> SlotBlocks:
+    """Cut each slot's run of sorted positions into blocks of at most ``block_m``."""
+    order, bounds = sort
+    n_slots = bounds.numel() - 1
     blocks = (bounds[1:] - bounds[:-1] + (block_m - 1)) // block_m
     ends = torch.cumsum(blocks, 0)
     first_block = ends - blocks
-    block_ids = torch.arange(grid_blocks(index.numel(), n_slots, block_m), device=device)
+    block_ids = torch.arange(grid_blocks(order.numel(), n_slots, block_m), device=order.device)
     block_slot = torch.searchsorted(ends, block_ids, right=True)  # A past the last real block
     real = block_slot < n_slots
     slot = block_slot.clamp(max=n_slots - 1)
@@ -146,6 +158,11 @@ def plan_slot_blocks(adapter_index: torch.Tensor, n_slots: int, block_m: int) ->
         first_block=first_block,
         blocks=blocks,
     )
+
+
+def plan_slot_blocks(adapter_index: torch.Tensor, n_slots: int, block_m: int) -> SlotBlocks:
+    """Sort tokens by slot and cut the sorted list into per-slot blocks, on the device."""
+    return cut_slot_blocks(sort_by_slot(adapter_index, n_slots), block_m)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,20 +40,17 @@ valid when the routing changes). The threshold is a guess, NOT a measurement: no
 available when this was written. Measure the switch point (both paths over N and A, at the
 model's d and R) on the target GPU and set the constant.
 
-Backward (always the grouped layout, two launches). Whatever path the forward took, the backward
-sorts the tokens by slot again (the sort is cheap and the order is deterministic), because the
-weight gradients are per-slot reductions and the grouped layout makes every block's
-contribution a dense tl.dot on one slot's tiles:
-    1. one program per slot block: pass 1 over column chunks forms s_r = g U_a and gz; pass 2
-       writes dh = g + gz D_a out of place (slot-0 blocks copy g), rebuilds h, and stores the
-       block's fp32 partials of dD_a, dU_a, dbu_a, dbd_a (one row of a [G, 2 R d + d + R]
-       buffer; slot-0 and empty blocks write nothing).
-    2. a reduction kernel, a program per (chunk, slot), sums that slot's blocks' partials in
-       block order (a fixed order: deterministic, no atomics) and casts to the weight dtype;
-       slot 0 and unused slots get zeros.
-    The partial buffer is G (2 R d + d + R) fp32 with G ~ N / BLOCK_M + A: at N = 16k, d = 4096,
-    R = 16, BLOCK_M = 32 that is ~280 MB. A column-stationary variant per slot (as the
-    single-adapter backward has) would shrink it to a few MB; it is left for a GPU session.
+Backward (three launches, ``steer_fast.kernels.multi_adapter_backward``). Whatever path the
+forward took, the backward sorts the tokens by slot again (cheap, and the order is
+deterministic), because the weight gradients are per-slot reductions:
+    1. rows kernel, a program per slot block: s_r = g U_a (tl.dot on the slot's tiles) and gz.
+    2. columns kernel, a program per (column tile, token unit), where a unit is one slot's run
+       of at most a token split's sorted positions: it keeps the slot's weight tiles and the
+       tile's gradients in registers while it walks the unit, writes dh = g + gz D_a (slot-0
+       units copy g), and stores one fp32 partial per unit.
+    3. a reduction sums each slot's unit partials in unit order (deterministic, no atomics).
+    The partial buffer has (token splits + A) rows at most: a few MB at N = 16k, d = 4096,
+    R = 16, where a partial per row block would take ~280 MB.
 
 Dtypes. Elementwise maths, phi, z, gz and accumulators are fp32. tl.dot operands take the
 storage dtype on a GPU (fp32 with input_precision="ieee" for fp32), and fp32 under the
@@ -90,6 +87,7 @@ from .multi_adapter_common import (
     weight_strides,
 )
 from .post_block_steer import (
+    BackwardConfig,
     KernelLaunch,
     LaunchPlan,
     _dot,
@@ -103,9 +101,9 @@ from .post_block_steer import (
 )
 
 __all__ = [
-    "GROUPED_MIN_ROWS_PER_SLOT", "MultiAdapterConfig", "MultiSteerBackward", "MultiSteerForward",
-    "choose_path", "interpreted", "multi_adapter_steer_backward", "multi_adapter_steer_forward",
-    "plan_backward", "plan_forward",
+    "GROUPED_MIN_ROWS_PER_SLOT", "BackwardConfig", "MultiAdapterConfig", "MultiSteerBackward",
+    "MultiSteerForward", "choose_path", "interpreted", "multi_adapter_steer_backward",
+    "multi_adapter_steer_forward", "plan_backward", "plan_forward",
 ]
 
 # "auto" takes the grouped path from this many token rows per steering slot on. A guess to be

@@ -261,7 +261,8 @@ def test_backward_is_deterministic(backend, path, device):
 
 def test_explicit_kernel_configs(device):
     """The launchers with small forced blocks: three column chunks (the last partial), several
-    blocks per slot; both forward paths and the backward against the reference."""
+    blocks per slot; both forward paths and the backward (several token units per slot) against
+    the reference."""
     inputs = make_inputs((45, 40), (3, 5, 2, 4), device=device)
     index = torch.randint(0, 4, (45,), device=device)
     scales = make_scales(45, device)
@@ -285,11 +286,76 @@ def test_explicit_kernel_configs(device):
         assert_close(f"z ({path})", forward.z, z_ref, rel)
     backward = kernels.multi_adapter_steer_backward(
         grad_out, forward.out, forward.z, tensors[1], tensors[2], tensors[4], index, scales,
-        activations, config=config,
+        activations, config=SMALL_BACKWARD,
     )
     for name, got, want in zip(["hidden", "down", "up", "down_bias", "up_bias"], backward,
                                ref_grads):
         assert_close(f"grad {name}", got, want, rel)
+
+
+# 16-row blocks, 16-column tiles (three over d = 40, the last partial) and 3 token splits, so
+# that a slot's rows span several token units.
+SMALL_BACKWARD = kernels.BackwardConfig(
+    rows_block_m=16, rows_block_d=16, cols_block_m=16, cols_block_d=16, splits=3
+)
+
+
+@pytest.mark.parametrize("spread", ["skewed", "one_row_each", "sorted"])
+def test_backward_token_units(spread, device):
+    """The backward's column-stationary layout: one slot's rows over several token units, slots
+    with a single row, rows already sorted; the partial buffer has a row per unit, at most
+    splits + A of them (not one per row block)."""
+    n_rows, ranks = 70, (2, 3, 1, 3, 2)
+    if spread == "skewed":
+        index = torch.where(torch.arange(n_rows) % 7 == 0, torch.arange(n_rows) % 5, 3)
+    elif spread == "one_row_each":
+        index = torch.cat([torch.arange(1, 5), torch.zeros(n_rows - 4, dtype=torch.int64)])
+    else:
+        index = torch.arange(n_rows) * 5 // n_rows
+    index = index.to(device)
+    inputs = make_inputs((n_rows, 40), ranks, device=device)
+    scales = make_scales(n_rows, device)
+    grad_out = torch.randn(n_rows, 40, device=device)
+    activations = ("identity", "silu", "tanh", "gelu_tanh", "relu")
+    tensors = [None if t is None else t.detach() for t in inputs.tensors()]
+    _, ref_grads = run_op(
+        reference, inputs.converted(torch.float64), grad_out.double(), adapter_index=index,
+        scales=scales, activations=activations,
+    )
+    forward = kernels.multi_adapter_steer_forward(*tensors, index, scales, activations)
+    plan = kernels.plan_backward(
+        grad_out, forward.out, forward.z, tensors[1], tensors[2], tensors[4], index, scales,
+        activations, config=SMALL_BACKWARD,
+    )
+    partials = plan.launches[1].kwargs["partial_ptr"]
+    assert partials.shape[0] <= SMALL_BACKWARD.splits + len(ranks)
+    for launch in plan.launches:
+        launch()
+    for name, got, want in zip(["hidden", "down", "up", "down_bias", "up_bias"], plan.result,
+                               ref_grads):
+        assert_close(f"grad {name}", got, want, TOLERANCES[torch.float32])
+
+
+def test_backward_workspace_is_per_unit_not_per_row_block():
+    """At N = 16k, d = 4096, R = 16 the plan's fp32 buffers stay a few MB (meta tensors: nothing
+    runs): the partials have (token splits + A) rows, where a row per 32-row block would make
+    280 MB."""
+    n_rows, hidden_size, rank, n_slots = 16384, 4096, 16, 2
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    grad_out = torch.empty(n_rows, hidden_size, **meta)
+    out = torch.empty(n_rows, hidden_size, **meta)
+    z = torch.empty(n_rows, rank, device="meta")
+    down = torch.empty(n_slots, rank, hidden_size, **meta)
+    up = torch.empty(n_slots, hidden_size, rank, **meta)
+    index = torch.empty(n_rows, dtype=torch.int64, device="meta")
+    scales = torch.empty(n_rows, device="meta")
+    plan = kernels.plan_backward(grad_out, out, z, down, up, None, index, scales, ("silu",) * 2)
+    buffers = {
+        id(t): t for launch in plan.launches for t in launch.kwargs.values()
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t is not z
+    }
+    workspace = sum(t.numel() * t.element_size() for t in buffers.values())
+    assert workspace < 8 * 2**20, workspace
 
 
 @pytest.mark.parametrize("backend, path", PATHS, ids=PATH_IDS)
