@@ -5,7 +5,9 @@ takes the exact launches the launchers would make (``plan_forward`` / ``plan_bac
 CPU tensors with the launch heuristics of a large shape) and compiles each kernel through
 Triton's full pipeline (TTIR, TTGIR, LLVM IR, PTX, ptxas to cubin) for a CUDA target, so a
 kernel that would not build on an H100 fails here, on the CPU. It covers post_block_steer's
-kernels (CASES) and steering_vector's (VECTOR_CASES, rank 0, no activation).
+kernels (CASES), steering_vector's (VECTOR_CASES, rank 0, no activation) and
+multi_adapter_steer's (MULTI_CASES: both forward paths, the backward's three kernels, one phi
+for every adapter or several).
 
     python bench/compile_check.py                 # sm_90, every case in ALL_CASES, as a table
     python bench/compile_check.py --json          # one JSON record per compiled kernel
@@ -32,10 +34,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from steer_fast.kernels import multi_adapter_steer as multi_kernels
 from steer_fast.kernels import post_block_steer as kernels
 from steer_fast.kernels import steering_vector as vector_kernels
 
-_POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_POINTER_TYPES = {
+    torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+    torch.int64: "*i64", torch.int32: "*i32",
+}
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,33 @@ VECTOR_CASES = [
     VectorCompileCase(2048, torch.float16),
     VectorCompileCase(200, torch.bfloat16, residual=False),
     VectorCompileCase(24, torch.float32),
+]
+
+
+@dataclass(frozen=True)
+class MultiCompileCase:
+    """A multi_adapter_steer shape: ``adapters`` steering slots (slot 0 is the unsteered one),
+    each with its own activation (one name: all alike, compiled in; several: read per slot)."""
+
+    hidden_size: int
+    rank: int
+    dtype: torch.dtype
+    activations: tuple[str, ...]
+    residual: bool = True
+    bias: bool = True
+
+    @property
+    def activation(self) -> str:
+        return "+".join(sorted(set(self.activations)))
+
+
+# Both forward paths and the backward for each: every dtype, one phi for all adapters and mixed
+# phis, ranks 1 to 64, a partial last column tile.
+MULTI_CASES = [
+    MultiCompileCase(4096, 16, torch.bfloat16, ("silu", "silu", "silu")),
+    MultiCompileCase(4096, 8, torch.float32, ("identity", "gelu"), residual=False, bias=False),
+    MultiCompileCase(2048, 64, torch.float16, ("silu", "gelu_tanh", "relu", "tanh")),
+    MultiCompileCase(200, 1, torch.bfloat16, ("identity",), residual=False),
 ]
 
 
@@ -151,7 +184,7 @@ def resource_usage(cubin: bytes) -> ResourceUsage:
 
 
 def case_launches(
-    case: CompileCase | VectorCompileCase, n_rows: int = 64
+    case: CompileCase | VectorCompileCase | MultiCompileCase, n_rows: int = 64
 ) -> list[kernels.KernelLaunch]:
     """The forward and backward launches for ``case``, on small CPU tensors.
 
@@ -160,6 +193,8 @@ def case_launches(
     """
     if isinstance(case, VectorCompileCase):
         return vector_case_launches(case, n_rows)
+    if isinstance(case, MultiCompileCase):
+        return multi_case_launches(case, n_rows)
     d, r, dtype = case.hidden_size, case.rank, case.dtype
     hidden = torch.zeros(n_rows, d, dtype=dtype)
     residual = torch.zeros(n_rows, d, dtype=dtype) if case.residual else None
@@ -202,12 +237,42 @@ def vector_case_launches(case: VectorCompileCase, n_rows: int = 64) -> list[kern
     return launches
 
 
-ALL_CASES = [*CASES, *VECTOR_CASES]
+def multi_case_launches(case: MultiCompileCase, n_rows: int = 64) -> list[kernels.KernelLaunch]:
+    """multi_adapter_steer's gather and grouped forward launches and its backward's, on small CPU
+    tensors, with rows on every slot (slot 0 included)."""
+    d, r, dtype = case.hidden_size, case.rank, case.dtype
+    n_slots = len(case.activations) + 1
+    hidden = torch.zeros(n_rows, d, dtype=dtype)
+    residual = torch.zeros(n_rows, d, dtype=dtype) if case.residual else None
+    down = torch.zeros(n_slots, r, d, dtype=dtype)
+    up = torch.zeros(n_slots, d, r, dtype=dtype)
+    down_biases = torch.zeros(n_slots, r, dtype=dtype) if case.bias else None
+    up_biases = torch.zeros(n_slots, d, dtype=dtype) if case.bias else None
+    index = torch.arange(n_rows) % n_slots
+    scales = torch.ones(n_rows)
+    activations = ("identity", *case.activations)
+    launches = []
+    for path in ("gather", "grouped"):
+        forward = multi_kernels.plan_forward(
+            hidden, down, up, down_biases, up_biases, residual, index, scales, activations, path
+        )
+        launches += forward.launches
+    out, z = forward.result
+    launches += multi_kernels.plan_backward(
+        hidden, out, z, down, up, up_biases, index, scales, activations
+    ).launches
+    return launches
 
 
-def compile_cases(arch: int = 90, cases: list[CompileCase | VectorCompileCase] = ALL_CASES):
+ALL_CASES = [*CASES, *VECTOR_CASES, *MULTI_CASES]
+
+
+def compile_cases(
+    arch: int = 90,
+    cases: list[CompileCase | VectorCompileCase | MultiCompileCase] = ALL_CASES,
+):
     """Compile every distinct launch of ``cases``; yield (case, launch, compiled, usage)."""
-    if kernels.interpreted() or vector_kernels.interpreted():
+    if kernels.interpreted() or vector_kernels.interpreted() or multi_kernels.interpreted():
         raise RuntimeError("unset TRITON_INTERPRET: the kernels are interpreted functions here")
     target = GPUTarget("cuda", arch, 32)
     seen = set()
@@ -227,6 +292,12 @@ def compile_cases(arch: int = 90, cases: list[CompileCase | VectorCompileCase] =
             yield case, launch, compiled, resource_usage(compiled.asm["cubin"])
 
 
+def _op_name(case: CompileCase | VectorCompileCase | MultiCompileCase) -> str:
+    if isinstance(case, VectorCompileCase):
+        return "steering_vector"
+    return "multi_adapter_steer" if isinstance(case, MultiCompileCase) else "post_block_steer"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Compile steer_fast's kernels for a CUDA target")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
@@ -236,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, launch, _, usage in compile_cases(args.arch):
             record = {
                 "kernel": launch.kernel.__name__,
-                "op": "steering_vector" if isinstance(case, VectorCompileCase)
-                else "post_block_steer",
+                "op": _op_name(case),
                 "hidden_size": case.hidden_size,
                 "rank": case.rank, "dtype": str(case.dtype).removeprefix("torch."),
                 "activation": case.activation, **usage._asdict(),

@@ -169,9 +169,12 @@ def plan_slot_blocks(adapter_index: torch.Tensor, n_slots: int, block_m: int) ->
 # Launch configuration and arguments
 # ----------------------------------------------------------------------------------------------
 
-# The gather path multiplies [BLOCK_M, R_PAD, BLOCK_D] tiles elementwise: keep one tile near this
-# many elements (64 fp32 registers a thread at 4 warps).
-_GATHER_TILE_ELEMENTS = 8192
+# The gather path multiplies [BLOCK_M, R_PAD, BLOCK_D] tiles elementwise, and addresses them with
+# as many 64-bit pointers: keep one tile near this many elements (16 per thread at 8 warps).
+# Compiled for sm_90 (bench/compile_check.py), 8 warps: 61-193 registers and no spills from
+# rank 1 to 64; the earlier 8192 elements at 4 warps reached 255 registers and spilled 40 bytes
+# at d = 200, rank 1.
+_GATHER_TILE_ELEMENTS = 4096
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,9 @@ class MultiAdapterConfig:
 
     block_m: int
     block_d: int
-    num_warps: int = 4
+    # 8 warps, as the single-adapter forward: at 4 the sm_90 builds of both forward paths took
+    # 1.3-1.9x the registers (the grouped path 254 at d = 200, rank 1).
+    num_warps: int = 8
     num_stages: int = 2
 
 

@@ -3,8 +3,9 @@
 The interpreter checks what the kernels compute but never runs Triton's compiler; this runs
 bench/compile_check.py (every kernel, dtype, activation, single- and two-pass forward, ranks
 1 to 256, with the launch heuristics' block shapes; steering_vector's forward, both forms of its
-backward and its reduction) in a fresh interpreter without TRITON_INTERPRET, and checks ptxas's
-register report.
+backward and its reduction; multi_adapter_steer's two forward paths and three backward kernels,
+with one phi for every adapter and mixed phis) in a fresh interpreter without TRITON_INTERPRET,
+and checks ptxas's register report.
 """
 
 import importlib.util
@@ -33,6 +34,11 @@ KERNELS = {
     "_steering_vector_forward_kernel",
     "_steering_vector_backward_kernel",
     "_steering_vector_reduce_kernel",
+    "_gather_forward_kernel",
+    "_grouped_forward_kernel",
+    "_multi_backward_rows_kernel",
+    "_multi_backward_cols_kernel",
+    "_reduce_slot_grads_kernel",
 }
 
 
@@ -70,7 +76,9 @@ def test_kernels_compile_for_sm90_without_spills():
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in records} == KERNELS
-    assert {r["op"] for r in records} == {"post_block_steer", "steering_vector"}
+    assert {r["op"] for r in records} == {
+        "post_block_steer", "steering_vector", "multi_adapter_steer"
+    }
     assert {r["activation"] for r in records} >= {
         "identity", "relu", "silu", "gelu", "gelu_tanh", "tanh"
     }
