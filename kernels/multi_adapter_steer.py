@@ -96,6 +96,7 @@ from .post_block_steer import (
     _load_weight_tile,
     _row_offsets,
     _row_strides,
+    _steer_output_tile,
     interpreted,
     padded_rank,
 )
@@ -245,6 +246,7 @@ def _grouped_forward_kernel(
     else:
         down_ptr = down_weights_ptr + slot * stride_down_slot
         up_ptr = up_weights_ptr + slot * stride_up_slot
+        up_bias_ptr = up_biases_ptr + slot * stride_up_bias_slot
         scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         z = tl.zeros((BLOCK_M, R_PAD), tl.float32)
         for start in range(0, hidden_size, BLOCK_D):
@@ -278,22 +280,10 @@ def _grouped_forward_kernel(
                 hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
                 stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
             )
-            up_t = _load_weight_tile(
-                up_ptr, ranks, cols, stride_up_rank, stride_up_col, rank_mask, col_mask
-            )
-            delta = _dot(
-                a, up_t, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), OPERAND_DTYPE,
-                INPUT_PRECISION,
-            )
-            if HAS_UP_BIAS:
-                delta += tl.load(
-                    up_biases_ptr + slot * stride_up_bias_slot + cols * stride_up_bias_col,
-                    mask=col_mask, other=0.0,
-                ).to(tl.float32)[None, :]
-            out = h.to(tl.float32) + scale[:, None] * delta
-            tl.store(
-                out_ptr + rows[:, None] * hidden_size + cols[None, :], out.to(h.dtype),
-                mask=mask,
+            _steer_output_tile(
+                h, a, up_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
+                rank_mask, hidden_size, stride_up_col, stride_up_rank, stride_up_bias_col,
+                scale[:, None], HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
             )
 
 

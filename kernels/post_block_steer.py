@@ -135,16 +135,19 @@ def _load_weight_tile(ptr, index_0, index_1, stride_0, stride_1, mask_0, mask_1)
 @triton.jit
 def _steer_output_tile(
     h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks, rank_mask,
-    hidden_size, stride_up_col, stride_up_rank, scale,
+    hidden_size, stride_up_col, stride_up_rank, stride_up_bias_col, scale,
     HAS_UP_BIAS: tl.constexpr, OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """out = h + s (a U^T + b_u) for one tile, stored to the contiguous output."""
+    """out = h + s (a U^T + b_u) for one tile, stored to the contiguous output. ``scale`` is a
+    scalar, or one strength per row as a [BLOCK_M, 1] block (multi_adapter_steer)."""
     up_t = _load_weight_tile(
         up_weight_ptr, ranks, cols, stride_up_rank, stride_up_col, rank_mask, col_mask
     )
     delta = _dot(a, up_t, tl.zeros(h.shape, tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
     if HAS_UP_BIAS:
-        delta += tl.load(up_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        delta += tl.load(
+            up_bias_ptr + cols * stride_up_bias_col, mask=col_mask, other=0.0
+        ).to(tl.float32)[None, :]
     out = h.to(tl.float32) + scale * delta
     tl.store(
         out_ptr + rows[:, None] * hidden_size + cols[None, :],
@@ -222,7 +225,7 @@ def _post_block_steer_forward_kernel(
     if SINGLE_PASS:
         _steer_output_tile(
             h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
-            rank_mask, hidden_size, stride_up_col, stride_up_rank, scale,
+            rank_mask, hidden_size, stride_up_col, stride_up_rank, 1, scale,
             HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
         )
     else:
@@ -236,7 +239,7 @@ def _post_block_steer_forward_kernel(
             )
             _steer_output_tile(
                 h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
-                rank_mask, hidden_size, stride_up_col, stride_up_rank, scale,
+                rank_mask, hidden_size, stride_up_col, stride_up_rank, 1, scale,
                 HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
             )
 
