@@ -22,12 +22,22 @@ from torch import nn
 from .block import PATH_FUSED, PATH_PLAIN, SteeredBlock, is_steering_parameter
 from .config import SteerConfig
 from .distributed import is_main_process as _is_main_process
-from .injection import apply_steering_plan, plan_steering, remove_steering, steered_blocks
+from .injection import (
+    apply_steering_plan,
+    find_decoder_layers,
+    plan_named_adapter,
+    plan_steering,
+    remove_steering,
+    steered_blocks,
+)
+from .mixed_batch import DEFAULT_ADAPTER_NAME
 from .named_adapters import NamedAdapters
 from .saved_state import (
+    NAMED_ADAPTERS_KEY,
     check_is_trainable,
     raise_if_different,
-    read_steering,
+    read_all_steering,
+    split_named_state,
     structural_differences,
     with_backend,
 )
@@ -170,12 +180,33 @@ class SteerModel(NamedAdapters, SteeringWrapper):
     # --- state -----------------------------------------------------------------------------
 
     def _saved_state(self) -> dict[str, Any]:
-        return self.steer_config.to_dict()
+        state = self.steer_config.to_dict()
+        named = [[name, config.to_dict()] for name, config in self.steer_configs.items()
+                 if name != DEFAULT_ADAPTER_NAME]
+        if named:
+            state[NAMED_ADAPTERS_KEY] = named
+        return state
 
     def _load_saved_state(self, values: dict[str, Any]) -> None:
-        saved = SteerConfig.from_dict(values)
+        """Check a loaded state_dict's configs against the adapters loaded here (each adapter
+        it holds must be loaded, with the same structure), then take over their scales. It runs
+        before any of the state_dict's tensors is copied (the wrapper's own state comes first),
+        so a failed check changes nothing."""
+        saved, named = split_named_state(values)
         raise_if_different(structural_differences(saved, self.steer_config), "steering config")
-        self.set_scale(saved.scale, adapter_name="default")
+        for name, config in named.items():
+            if name not in self.steer_configs:
+                raise ValueError(
+                    f"state_dict: it holds adapter {name!r}, which this model has not loaded "
+                    f"(loaded: {self.list_adapters()}); add_adapter() it with its config first, "
+                    "or load the checkpoint with SteerModel.from_pretrained"
+                )
+            raise_if_different(
+                structural_differences(config, self.steer_configs[name]),
+                f"steering config of adapter {name!r}",
+            )
+        for name, config in {DEFAULT_ADAPTER_NAME: saved, **named}.items():
+            self.set_scale(config.scale, adapter_name=name)
 
     def save_pretrained(
         self,
@@ -212,10 +243,12 @@ class SteerModel(NamedAdapters, SteeringWrapper):
     ) -> SteerModel:
         """Steer ``model`` with the adapters saved in ``save_directory``.
 
-        ``save_directory`` is a ``save_pretrained`` directory or a transformers Trainer
-        checkpoint of a SteerModel; its default adapter is loaded (``load_adapter`` adds the
-        others, from their subfolders). Everything is checked before ``model`` is touched. With
-        ``is_trainable=False`` the adapters are frozen and the model is put in eval mode.
+        ``save_directory`` is a ``save_pretrained`` directory, whose top-level (default)
+        adapter is loaded (``load_adapter`` adds the others, from their subfolders, as in
+        PEFT), or a transformers Trainer checkpoint of a SteerModel, whose adapters are all
+        loaded under their names (the training state, as it was). Everything is checked before
+        ``model`` is touched. With ``is_trainable=False`` the adapters are frozen and the model
+        is put in eval mode.
         ``backend`` overrides the saved config's backend (e.g. "torch" to load on the CPU an
         adapter trained with backend="triton").
 
@@ -224,9 +257,22 @@ class SteerModel(NamedAdapters, SteeringWrapper):
                 hidden size or layer count.
         """
         check_is_trainable(is_trainable)
-        config, tensors = read_steering(Path(save_directory))
-        steered = cls(model, with_backend(config, backend))
+        adapters = {
+            name: (with_backend(config, backend), tensors)
+            for name, (config, tensors) in read_all_steering(Path(save_directory)).items()
+        }
+        config, tensors = adapters.pop(DEFAULT_ADAPTER_NAME)
+        if adapters:
+            # The other adapters are checked against the model before the first is applied.
+            plan_steering(model, config)
+            layers_name, _ = find_decoder_layers(model)
+            for named_config, _ in adapters.values():
+                plan_named_adapter(model, layers_name, named_config)
+        steered = cls(model, config)
         steered.load_steering_tensors(tensors)
+        for name, (named_config, named_tensors) in adapters.items():
+            steered._add_adapter(name, named_config)
+            steered.load_steering_tensors(named_tensors, name)
         if not is_trainable:
             steered._freeze_for_inference()
         return steered

@@ -6,7 +6,8 @@ activation, scale, layers and sites. ``set_adapter(name)`` picks the adapter eve
 with; ``delete_adapter(name)`` takes one off. ``save_pretrained`` writes the default adapter at
 the top of the directory (so one-adapter directories keep their layout) and every other one in a
 subfolder of its name, as PEFT does; ``SteerModel.from_pretrained`` loads the default one and
-``load_adapter(directory / name, name)`` the others.
+``load_adapter(directory / name, name)`` the others. A Trainer checkpoint (the state_dict) holds
+them all, their configs in the extra state: ``from_pretrained`` restores every one.
 
 A mixed batch names an adapter per row::
 

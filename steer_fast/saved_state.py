@@ -29,16 +29,24 @@ from safetensors.torch import save_file
 
 from .block import ADAPTER_NAME
 from .config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig
+from .mixed_batch import DEFAULT_ADAPTER_NAME
 
 EXTRA_STATE_KEY = "_extra_state"  # nn.Module's key for get_extra_state()
 TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer saves a state_dict as
 # The SteerConfig fields a loaded state must agree on (the scale may differ: it is taken over).
 STEER_STRUCTURE = ("rank", "activation", "bias", "site", "layers", "hidden_size", "num_layers")
 
-# A steering parameter in a wrapper's state_dict:
-# "...{index}.steer_adapter[_attn|_mlp].{down.weight, up.bias, vector, ...}".
+# In a SteerModel's extra state: its adapters other than "default", as [name, config] pairs in
+# the order they were loaded (the state's JSON sorts object keys); absent when it has none, so
+# that a one-adapter state is what it always was.
+NAMED_ADAPTERS_KEY = "named_adapters"
+
+# A steering parameter in a wrapper's state_dict: the default adapter's
+# "...{index}.steer_adapter[_attn|_mlp].{down.weight, up.bias, vector, ...}", another adapter's
+# "...{index}.steer_adapters.{name}.steer_adapter[_attn|_mlp].{...}".
 _STATE_DICT_KEY = re.compile(
-    rf"(?:^|\.)(\d+)\.{ADAPTER_NAME}(?:_(attn|mlp))?\.((?:down|up)\.(?:weight|bias)|vector)$"
+    rf"(?:^|\.)(\d+)\.(?:steer_adapters\.([A-Za-z0-9_-]+)\.)?{ADAPTER_NAME}(?:_(attn|mlp))?\."
+    r"((?:down|up)\.(?:weight|bias)|vector)$"
 )
 
 
@@ -228,24 +236,49 @@ def read_steering_files(directory: Path) -> tuple[SteerConfig, dict[str, torch.T
     return config, tensors
 
 
-def steering_file_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The steering tensors of a wrapper's state_dict, keyed as in steer_model.safetensors."""
+def steering_file_tensors(
+    state_dict: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER_NAME
+) -> dict[str, torch.Tensor]:
+    """Adapter ``adapter_name``'s steering tensors in a wrapper's state_dict, keyed as in
+    steer_model.safetensors."""
     tensors = {}
     for key, tensor in state_dict.items():
         match = _STATE_DICT_KEY.search(key)
-        if match:
-            index, site, name = match.groups()
+        if match and (match.group(2) or DEFAULT_ADAPTER_NAME) == adapter_name:
+            index, _, site, name = match.groups()
             tensors[steering_file_key(int(index), site or "block", name)] = tensor
     return tensors
 
 
+def split_named_state(values: dict[str, Any]) -> tuple[SteerConfig, dict[str, SteerConfig]]:
+    """A SteerModel's extra state as (the default adapter's config, the others' by name)."""
+    values = dict(values)
+    named = values.pop(NAMED_ADAPTERS_KEY, [])
+    if not isinstance(named, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) for pair in named
+    ):
+        raise ValueError(f"{NAMED_ADAPTERS_KEY} must be [name, config] pairs, got {named!r}")
+    return SteerConfig.from_dict(values), {
+        name: SteerConfig.from_dict(config) for name, config in named
+    }
+
+
 def read_steering(directory: Path) -> tuple[SteerConfig, dict[str, torch.Tensor]]:
-    """(config, tensors by file key) from a ``SteerModel.save_pretrained`` directory or a
-    transformers Trainer checkpoint of a SteerModel (model.safetensors holding its
-    state_dict)."""
+    """(config, tensors by file key) of the default adapter of a ``SteerModel.save_pretrained``
+    directory (the one at its top) or of a transformers Trainer checkpoint of a SteerModel."""
+    return read_all_steering(directory)[DEFAULT_ADAPTER_NAME]
+
+
+def read_all_steering(
+    directory: Path,
+) -> dict[str, tuple[SteerConfig, dict[str, torch.Tensor]]]:
+    """Adapter name -> (config, tensors by file key), "default" first: the top-level adapter of a
+    ``SteerModel.save_pretrained`` directory (the others are in subfolders, read one at a time),
+    or every adapter of a transformers Trainer checkpoint of a SteerModel (model.safetensors
+    holding its state_dict)."""
     check_directory(directory)
     if has_steering_files(directory):
-        return read_steering_files(directory)
+        return {DEFAULT_ADAPTER_NAME: read_steering_files(directory)}
     checkpoint = read_trainer_checkpoint(directory, "SteerModel")
     if checkpoint is None:
         raise ValueError(
@@ -254,7 +287,10 @@ def read_steering(directory: Path) -> tuple[SteerConfig, dict[str, torch.Tensor]
             "SteerModel)"
         )
     state, state_dict = checkpoint
-    config = SteerConfig.from_dict(state)
-    tensors = steering_file_tensors(state_dict)
-    check_steering_tensors(config, tensors, directory / TRAINER_WEIGHTS_NAME)
-    return config, tensors
+    default, named = split_named_state(state)
+    adapters = {}
+    for name, config in {DEFAULT_ADAPTER_NAME: default, **named}.items():
+        tensors = steering_file_tensors(state_dict, name)
+        check_steering_tensors(config, tensors, directory / TRAINER_WEIGHTS_NAME)
+        adapters[name] = (config, tensors)
+    return adapters
