@@ -3,6 +3,13 @@
     python bench/multi_adapter_switch.py                   # CUDA: d 2048/4096, r 8/16/64, A 4/16/64
     python bench/multi_adapter_switch.py --hidden-sizes 4096 --ranks 16 --adapters 16
     python bench/multi_adapter_switch.py --interpret       # on the CPU: checks only, tiny shapes
+    python bench/multi_adapter_switch.py --backend torch --dtype float32 --hidden-sizes 512
+                                                           # the torch path's two paths, any device
+
+The Triton kernels have a gather and a grouped path (``steer_fast.kernels.multi_adapter_steer``,
+switch ``GROUPED_MIN_ROWS_PER_SLOT``), and so has the torch path
+(``steer_fast.multi_adapter_torch``, switch ``TORCH_GATHER_ELEMENTS_PER_SLOT``, gathered weight
+elements per adapter); ``--backend`` says which pair is timed.
 
 For each hidden size d, rank r, number of steering adapters A and number of token rows per
 adapter m, N = A x m rows are spread evenly over the A adapters in a shuffled order (slot 0, no
@@ -27,9 +34,10 @@ import datetime
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -96,21 +104,54 @@ def _agree(gather: torch.Tensor, grouped: torch.Tensor, dtype: torch.dtype) -> b
     return (gather.float() - grouped.float()).abs().max().item() <= tolerance * scale
 
 
-def measure_case(case: SwitchCase, device: torch.device, plan) -> dict:
+class Backend(NamedTuple):
+    """One backend's two forward paths: ``forward(*args, path=...)`` -> out, and its "auto"."""
+
+    name: str
+    forward: Callable[..., torch.Tensor]
+    choose_path: Callable[[SwitchCase], str]
+    threshold_name: str
+    threshold: int
+
+
+def backend(name: str) -> Backend:
+    """The Triton kernels' paths ("triton") or the torch path's ("torch")."""
+    if name == "triton":
+        from steer_fast.kernels import multi_adapter_steer as kernels
+
+        return Backend(
+            name, lambda *args, path: kernels.multi_adapter_steer_forward(*args, path=path).out,
+            lambda case: kernels.choose_path(case.tokens, case.adapters + 1),
+            "GROUPED_MIN_ROWS_PER_SLOT", kernels.GROUPED_MIN_ROWS_PER_SLOT,
+        )
+    from steer_fast import multi_adapter_torch
+
+    return Backend(
+        name, lambda *args, path: multi_adapter_torch.forward(*args, path=path)[0],
+        lambda case: multi_adapter_torch.choose_path(
+            case.tokens, case.adapters + 1, case.rank, case.hidden_size
+        ),
+        "TORCH_GATHER_ELEMENTS_PER_SLOT", multi_adapter_torch.TORCH_GATHER_ELEMENTS_PER_SLOT,
+    )
+
+
+def measure_case(
+    case: SwitchCase, device: torch.device, plan, paths: Backend | None = None
+) -> dict:
     """Check the two paths against each other, then time them side by side."""
     from steer_fast.benchmark.timing import Call, measure_interleaved
-    from steer_fast.kernels import multi_adapter_steer as kernels
 
+    paths = paths or backend("triton")
     args = case_inputs(case, device)
     calls = {
-        path: Call(lambda path=path: kernels.multi_adapter_steer_forward(*args, path=path))
+        path: Call(lambda path=path: paths.forward(*args, path=path))
         for path in ("gather", "grouped")
     }
     record = dict(
         asdict(case), dtype=str(case.dtype).removeprefix("torch."), tokens=case.tokens,
-        auto=kernels.choose_path(case.tokens, case.adapters + 1),
+        backend=paths.name, auto=paths.choose_path(case),
     )
-    outputs = {path: call.once().out for path, call in calls.items()}
+    outputs = {path: call.once() for path, call in calls.items()}
     if not _agree(outputs["gather"], outputs["grouped"], case.dtype):
         return dict(record, status="wrong: the gather and grouped outputs differ")
     del outputs
@@ -124,9 +165,11 @@ def measure_case(case: SwitchCase, device: torch.device, plan) -> dict:
     return dict(record, status="ok")
 
 
-def run(case_list: list[SwitchCase], device: torch.device, plan) -> Iterator[dict]:
+def run(
+    case_list: list[SwitchCase], device: torch.device, plan, paths: Backend | None = None
+) -> Iterator[dict]:
     for case in case_list:
-        yield measure_case(case, device, plan)
+        yield measure_case(case, device, plan, paths)
 
 
 def _group_key(record: dict) -> tuple:
@@ -162,12 +205,14 @@ def switch_points(records: list[dict]) -> list[dict]:
     return rows
 
 
-def report(records: list[dict], threshold: int, device_name: str) -> str:
+def report(
+    records: list[dict], threshold: int, device_name: str,
+    threshold_name: str = "GROUPED_MIN_ROWS_PER_SLOT",
+) -> str:
     lines = [
         f"# multi_adapter_steer: gather vs grouped forward ({device_name})",
         "",
-        f"`GROUPED_MIN_ROWS_PER_SLOT` = {threshold}: auto takes the grouped path from that many "
-        "rows per adapter on.",
+        f"`{threshold_name}` = {threshold}: where auto switches paths (see its docstring).",
         "",
         "| d | r | A | dtype | switch point (rows per adapter) | auto wrong at | time auto loses |",
         "|---|---|---|---|---|---|---|",
@@ -201,6 +246,16 @@ def report(records: list[dict], threshold: int, device_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[2048, 4096])
@@ -215,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--activation", default="silu")
     parser.add_argument(
+        "--backend", default="triton", choices=["triton", "torch"],
+        help="whose two paths to time: the Triton kernels' (CUDA) or the torch path's (any)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads on the CPU (default 1)"
+    )
+    parser.add_argument(
         "--interpret", action="store_true",
         help="run the kernels under the Triton interpreter on tiny shapes (a check, no timing)",
     )
@@ -225,9 +287,24 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported only now: the kernels read TRITON_INTERPRET when they are first imported.
     from steer_fast.benchmark.timing import TimingPlan
-    from steer_fast.kernels import multi_adapter_steer as kernels
 
-    if args.interpret:
+    paths = backend(args.backend)
+    dtype = getattr(torch, args.dtype)
+    if args.backend == "torch" and not args.interpret:
+        if torch.cuda.is_available():
+            device, device_name = torch.device("cuda"), torch.cuda.get_device_name()
+        else:
+            torch.set_num_threads(args.threads)
+            device = torch.device("cpu")
+            device_name = f"{_cpu_name()} ({args.threads} torch thread(s))"
+        slug = device_name.split(" (")[0].replace(" ", "-").replace("(R)", "").lower()
+        name = f"multi-torch-path-{slug}-{datetime.date.today().isoformat()}"
+        case_list = cases(
+            args.hidden_sizes, args.ranks, args.adapters, args.rows_per_adapter, dtype,
+            args.activation,
+        )
+        plan = TimingPlan(warmup=2, min_repeats=5, max_repeats=100, budget_s=0.2)
+    elif args.interpret:
         device, name, device_name = torch.device("cpu"), "multi-switch-interpreter", "interpreter"
         case_list = cases([40], [5], [2, 3], [1, 20], torch.float32, args.activation)
         plan = TimingPlan(warmup=1, min_repeats=1, max_repeats=1, budget_s=0.01)
@@ -236,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu = device_name.replace(" ", "-").lower()
         name = f"multi-switch-{gpu}-{datetime.date.today().isoformat()}"
         case_list = cases(
-            args.hidden_sizes, args.ranks, args.adapters, args.rows_per_adapter,
-            getattr(torch, args.dtype), args.activation,
+            args.hidden_sizes, args.ranks, args.adapters, args.rows_per_adapter, dtype,
+            args.activation,
         )
         plan = TimingPlan(warmup=3, min_repeats=10, max_repeats=200, budget_s=0.05)
     else:
@@ -246,16 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(__file__).resolve().parent / "results" / name
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for record in run(case_list, device, plan):
+    for record in run(case_list, device, plan, paths):
         records.append(record)
         print(json.dumps(record), flush=True)
-    (out / "switch.json").write_text(json.dumps(dict(
-        command=" ".join(["python", "bench/multi_adapter_switch.py", *(argv or sys.argv[1:])]),
-        device=device_name, torch=torch.__version__, triton=__import__("triton").__version__,
-        grouped_min_rows_per_slot=kernels.GROUPED_MIN_ROWS_PER_SLOT,
-        switch_points=switch_points(records), records=records,
-    ), indent=2) + "\n")
-    text = report(records, kernels.GROUPED_MIN_ROWS_PER_SLOT, device_name)
+    (out / "switch.json").write_text(json.dumps({
+        "command": " ".join(["python", "bench/multi_adapter_switch.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "device": device_name, "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "backend": paths.name,
+        paths.threshold_name: paths.threshold,
+        "switch_points": switch_points(records), "records": records,
+    }, indent=2) + "\n")
+    text = report(records, paths.threshold, device_name, paths.threshold_name)
     (out / "switch.md").write_text(text)
     print(text)
     return 0 if all(r["status"] == "ok" for r in records) else 1

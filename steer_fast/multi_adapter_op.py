@@ -19,8 +19,9 @@ a graph break and autograd sees one node per steered site:
 values or constexprs: a captured CUDA graph or a compiled graph stays valid when the routing or
 the strengths change between calls. ``activation_ids`` are indices into ``ACTIVATIONS`` (the
 schema has no list-of-str type). ``backend`` inside the ops is already resolved to "triton" or
-"torch"; ``path`` ("auto", "gather", "grouped") is resolved by the Triton launcher from shapes
-alone (see ``steer_fast.kernels.multi_adapter_steer``) and ignored by the torch path.
+"torch"; ``path`` ("auto", "gather", "grouped") is resolved from shapes alone by the Triton
+launcher (``steer_fast.kernels.multi_adapter_steer``) or the torch path
+(``steer_fast.multi_adapter_torch``), each with its own switch point.
 
 Saved for the backward: ``out``, z [N, R] (fp32, fp64 for fp64), the index and the scales, and
 the weights; nothing else of size N x d. The gradient of ``hidden`` and of ``residual`` is the
@@ -81,7 +82,7 @@ def _forward_impl(
         )
     else:
         out, z = multi_adapter_torch.forward(
-            *tensors, adapter_index, scales, _names(activation_ids)
+            *tensors, adapter_index, scales, _names(activation_ids), path=path
         )
     return out, z
 
@@ -217,9 +218,10 @@ def multi_adapter_steer(
         activations: phi of every slot (A names), or one name for all; slot 0's is ignored.
         residual: the block's skip-connection input, shaped like ``hidden``, or None.
         backend: "auto", "triton" or "torch", resolved as ``steer_fast.ops.resolve_backend``.
-        path: Triton only: "auto", "gather" (a program per block of tokens, each row loading
-            its own adapter: decode) or "grouped" (tokens sorted by slot on the device, tl.dot
-            on one slot's tiles: prefill). See ``steer_fast.kernels.multi_adapter_steer``.
+        path: "auto", "gather" (each row loads its own adapter: decode, many adapters) or
+            "grouped" (tokens grouped by slot, each slot's weights applied to all its rows at
+            once: prefill). "auto" picks from shapes alone, per backend. See
+            ``steer_fast.kernels.multi_adapter_steer`` and ``steer_fast.multi_adapter_torch``.
         check_index: check that every index lies in [0, A). That reads two scalars back to
             the host (a device sync); a caller that built the index itself may pass False.
             Under torch.compile the check is a device-side assert instead (RuntimeError), since

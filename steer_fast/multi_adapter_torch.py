@@ -13,19 +13,30 @@ and with g = dL/dout, for the tokens of slot a:
     dU_a  = sum_n s_n g_n^T phi_a(z_n),   dbu_a = sum_n s_n g_n
     dD_a  = sum_n gz_n^T h_n,             dbd_a = sum_n gz_n
 
-Memory. The tokens are grouped by slot with one stable sort and a per-slot count (one host sync
-for the counts: this path is the fallback, not the one to capture in a CUDA graph). Each slot's
-rows are gathered with ``index_select``, run through two dense matmuls against that slot's
-[R, d] and [d, R] weights, and written back with ``index_copy_``: nothing like a gathered
-[N, R, d] weight tensor is ever formed, and the largest temporary is [n_a, d] for the n_a rows of
-one slot. Like the kernels, only ``out`` and z [N, R] (fp32, fp64 for fp64) are saved; h is
-rebuilt in the backward as h = out - s (phi(z) U^T + b_u).
+Two forward paths, as the kernels have (same results up to summation order):
+
+    grouped  the tokens are grouped by slot with one stable sort and a per-slot count (one host
+             sync for the counts: this path is the fallback, not the one to capture in a CUDA
+             graph). Each slot's rows are gathered with ``index_select``, run through two dense
+             matmuls against that slot's [R, d] and [d, R] weights, and written back with
+             ``index_copy_``: the largest temporary is [n_a, d] for the n_a rows of one slot.
+             About ten small ops per slot present: it pays when slots have many rows (prefill).
+    gather   each row's weights are gathered (``down_weights[index]``, [N, R, d], and the same
+             of U) and applied with two batched matmuls: a fixed dozen ops whatever the number
+             of adapters, no host sync, and a transient [N, R, d] pair (decode: a few rows per
+             adapter).
+
+``path="auto"`` takes "gather" when the gathered weights, N R d elements, stay within
+``TORCH_GATHER_ELEMENTS_PER_SLOT`` x (A - 1) (and ``GATHER_MAX_ELEMENTS``), else "grouped":
+shapes only, as the kernels' choice. On a CPU that is one row per adapter at small d. The
+backward is always grouped. Like the kernels, only ``out`` and z [N, R] (fp32, fp64 for fp64)
+are saved; h is rebuilt in the backward as h = out - s (phi(z) U^T + b_u).
 
 Dtypes. Matrix products run in the input dtype (as an unfused model would run them); z, phi'(z),
 gz and the per-row scaling are fp32 (fp64 for fp64 inputs), and out = h + s delta is formed in
-that precision and rounded once. Slot-0 rows are copied, so they are bit-identical to h (and
-their gradient to g). Everything is deterministic: each slot is reduced by one matmul or sum,
-slots in increasing order, and ``index_copy_`` targets distinct rows.
+that precision and rounded once. Slot-0 rows are copied (or selected), so they are bit-identical
+to h (and their gradient to g). Everything is deterministic: each slot is reduced by one matmul
+or sum, slots in increasing order, and ``index_copy_`` targets distinct rows.
 """
 
 from __future__ import annotations
@@ -37,6 +48,25 @@ import torch.nn.functional as F
 
 from .activations import activate, activation_derivative
 from .torch_backend import z_dtype
+
+# "auto" gathers while the gathered weights cost less than the slot loop they replace: the
+# gather copies N x R x d elements of D (and as many of U), the loop costs a fixed dozen small ops
+# per steering slot. Measured on a 2-core Xeon, 1 thread, fp32, r = 16
+# (bench/results/multi-torch-path-cpu-2026-12-03/): gathering copies about 2.4 ns an element and a
+# slot's loop iteration costs 38-54 us, so gathering wins while N R d <= about 16k elements per
+# slot: 1.3-1.9x at one row per adapter and d = 512, parity at two, slower at every size measured
+# with d = 2048. Below: half of that break-even, and never a gathered pair over
+# GATHER_MAX_ELEMENTS elements each (64 MiB in fp32).
+TORCH_GATHER_ELEMENTS_PER_SLOT = 8192
+GATHER_MAX_ELEMENTS = 1 << 24
+
+
+def choose_path(n_rows: int, n_slots: int, rank: int, hidden_size: int) -> str:
+    """The torch forward path "auto" takes for N = ``n_rows`` tokens over A = ``n_slots`` slots
+    (slot 0 included) at rank R = ``rank`` and d = ``hidden_size``: shapes only."""
+    gathered = n_rows * rank * hidden_size
+    cheap = gathered <= TORCH_GATHER_ELEMENTS_PER_SLOT * max(n_slots - 1, 1)
+    return "gather" if cheap and gathered <= GATHER_MAX_ELEMENTS else "grouped"
 
 
 def slot_rows(adapter_index: torch.Tensor, n_slots: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -67,12 +97,21 @@ def forward(
     adapter_index: torch.Tensor,
     scales: torch.Tensor,
     activations: Sequence[str],
+    path: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, z): out [..., d] contiguous in hidden's dtype, z [..., R] fp32 (fp64 for fp64).
 
-    ``adapter_index`` and ``scales`` hold one entry per token (any shape with N elements).
+    ``adapter_index`` and ``scales`` hold one entry per token (any shape with N elements);
+    ``path`` is "auto", "gather" or "grouped" (see the module docstring).
     """
     n_slots, rank, hidden_size = down_weights.shape
+    if path == "auto":
+        path = choose_path(adapter_index.numel(), n_slots, rank, hidden_size)
+    if path == "gather":
+        return _gathered_forward(
+            hidden, down_weights, up_weights, down_biases, up_biases, residual, adapter_index,
+            scales, activations,
+        )
     h = hidden if residual is None else residual + hidden
     out = h.reshape(-1, hidden_size).clone(memory_format=torch.contiguous_format)
     accumulate = z_dtype(h.dtype)
@@ -86,6 +125,58 @@ def forward(
         s = row_scales.index_select(0, rows)[:, None]
         out.index_copy_(0, rows, (h_a.to(accumulate) + s * delta.to(accumulate)).to(h.dtype))
         z.index_copy_(0, rows, z_a)
+    return out.reshape(hidden.shape), z.reshape(*hidden.shape[:-1], rank)
+
+
+def _activate_rows(z: torch.Tensor, index: torch.Tensor, activations: Sequence[str]):
+    """phi_a(z_n) for every row n of slot a = index[n] (slot 0's phi is any: its z is 0)."""
+    names = sorted(set(activations[1:])) or ["identity"]
+    if len(names) == 1:
+        return activate(z, names[0])
+    ids = torch.tensor([names.index(name) if name in names else 0 for name in activations],
+                       device=z.device)[index][:, None]
+    a = torch.zeros_like(z)
+    for position, name in enumerate(names):
+        a = torch.where(ids == position, activate(z, name), a)
+    return a
+
+
+def _batched_linear(
+    rows: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor | None, index: torch.Tensor
+) -> torch.Tensor:
+    """Row n times its own weight [out, in] (``weights[n]``), plus ``biases[index[n]]``."""
+    if biases is None:
+        return torch.bmm(weights, rows[:, :, None])[:, :, 0]
+    return torch.baddbmm(biases[index][:, :, None], weights, rows[:, :, None])[:, :, 0]
+
+
+def _gathered_forward(
+    hidden: torch.Tensor,
+    down_weights: torch.Tensor,
+    up_weights: torch.Tensor,
+    down_biases: torch.Tensor | None,
+    up_biases: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    adapter_index: torch.Tensor,
+    scales: torch.Tensor,
+    activations: Sequence[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gather path: every row's own D and U, gathered, in two batched matmuls."""
+    rank, hidden_size = down_weights.shape[1:]
+    h = hidden if residual is None else residual + hidden
+    h_rows = h.reshape(-1, hidden_size)
+    index = adapter_index.reshape(-1)
+    steered = (index != 0)[:, None]
+    accumulate = z_dtype(h.dtype)
+    # [N, R, d] @ [N, d, 1]: each row's z = D_a h_n + bd_a, the bias added inside the product
+    # as F.linear adds it.
+    z = _batched_linear(h_rows, down_weights[index], down_biases, index)
+    z = torch.where(steered, z.to(accumulate), 0)
+    a = _activate_rows(z, index, activations).to(h.dtype)
+    delta = _batched_linear(a, up_weights[index], up_biases, index)
+    s = scales.reshape(-1).to(accumulate)[:, None]
+    steered_rows = (h_rows.to(accumulate) + s * delta.to(accumulate)).to(h.dtype)
+    out = torch.where(steered, steered_rows, h_rows)
     return out.reshape(hidden.shape), z.reshape(*hidden.shape[:-1], rank)
 
 

@@ -15,15 +15,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from steer_fast import multi_adapter_torch
 from steer_fast.activations import activate
 from steer_fast.kernels import multi_adapter_steer as kernels
 from steer_fast.multi_adapter_op import multi_adapter_steer
 
 from op_helpers import TOLERANCES, OpInputs, assert_close, assert_matches_reference, run_op
 
-# (backend, path): the torch path, and the Triton forward's two paths (one backward).
-PATHS = [("torch", "auto"), ("triton", "gather"), ("triton", "grouped")]
-PATH_IDS = ["torch", "gather", "grouped"]
+# (backend, path): the torch and the Triton forward's two paths each (one backward per backend).
+PATHS = [("torch", "gather"), ("torch", "grouped"), ("triton", "gather"), ("triton", "grouped")]
+PATH_IDS = ["torch-gather", "torch-grouped", "gather", "grouped"]
 
 
 def reference(
@@ -371,6 +372,20 @@ def test_no_tokens(backend, path, device):
     out.sum().backward()
     assert torch.count_nonzero(inputs.down_weight.grad) == 0
     assert torch.count_nonzero(inputs.up_bias.grad) == 0
+
+
+def test_torch_auto_path_choice():
+    """The torch path gathers while the gathered weights cost less than the slot loop."""
+    per_slot = multi_adapter_torch.TORCH_GATHER_ELEMENTS_PER_SLOT
+    choose = multi_adapter_torch.choose_path
+    assert choose(64, 65, 16, 512) == "gather"  # decode: one row per adapter, small d
+    assert choose(128, 65, 16, 512) == "grouped"  # two rows per adapter
+    assert choose(64, 65, 16, 2048) == "grouped"  # larger d: the gather copies too much
+    assert choose(per_slot * 4 // (16 * 512), 5, 16, 512) == "gather"
+    assert choose(per_slot * 4 // (16 * 512) + 1, 5, 16, 512) == "grouped"
+    # A gathered pair over GATHER_MAX_ELEMENTS is never formed, however many adapters.
+    rows = multi_adapter_torch.GATHER_MAX_ELEMENTS // (16 * 64) + 1
+    assert choose(rows, 10**6, 16, 64) == "grouped"
 
 
 def test_auto_path_choice():

@@ -87,3 +87,15 @@ def test_no_switch_point_when_gather_wins_at_the_largest_count():
     assert row["switch_rows_per_adapter"] is None
     assert row["auto_wrong"] == [64]
     assert "gather throughout" in switch.report(records, 32, "test")
+
+
+def test_the_torch_paths_are_checked_and_timed():
+    from steer_fast import multi_adapter_torch
+
+    paths = switch.backend("torch")
+    case_list = switch.cases([24], [4], [5], [1, 500], torch.float32)
+    records = list(switch.run(case_list, DEVICE, ONE_REPEAT, paths))
+    for record in records:
+        assert record["status"] == "ok" and record["backend"] == "torch", record
+        assert record["auto"] == multi_adapter_torch.choose_path(record["tokens"], 6, 4, 24)
+    assert [r["auto"] for r in records] == ["gather", "grouped"]
