@@ -37,8 +37,8 @@ Forward, two paths (same results up to fp32 summation order)
 steering slot would on average fill a few row blocks, and "gather" otherwise. The choice uses
 shapes only (never the index values: no host sync, and a CUDA graph or compiled graph stays
 valid when the routing changes). The threshold is a guess, NOT a measurement: no GPU was
-available when this was written. Measure the switch point (both paths over N and A, at the
-model's d and R) on the target GPU and set the constant.
+available when this was written. ``bench/multi_adapter_switch.py`` measures the switch point
+(both paths over N and A, at the model's d and R) on a GPU; set the constant from it.
 
 Backward (three launches, ``steer_fast.kernels.multi_adapter_backward``). Whatever path the
 forward took, the backward sorts the tokens by slot again (cheap, and the order is
