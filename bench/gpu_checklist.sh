@@ -114,8 +114,8 @@ for name in $STEPS; do
              tests/test_multi_adapter_op.py tests/test_mixed_batch.py tests/test_model_triton.py ;;
     kernel) step kernel 120 python -m steer_fast bench --suites kernel --device cuda \
               --no-progress --out "$RESULTS/bench-kernel" ;;
-    switch) step switch 100 python bench/multi_adapter_switch.py \
-              --out "$RESULTS/multi-switch" ;;
+    switch) step switch 120 python bench/multi_adapter_switch.py --hidden-sizes 2048 4096 \
+              --ranks 16 64 --out "$RESULTS/multi-switch" ;;
     mixed) step mixed 120 python -m steer_fast bench --suites mixed --device cuda \
              --no-progress --out "$RESULTS/bench-mixed" ;;
     model) step model 150 python -m steer_fast bench --suites training inference \
