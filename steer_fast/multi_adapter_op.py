@@ -226,7 +226,8 @@ def multi_adapter_steer(
             the host (a device sync); a caller that built the index itself may pass False.
             Under torch.compile the check is a device-side assert instead (RuntimeError), since
             a host sync would break the graph. An out-of-range index with the check off is
-            undefined behaviour (the Triton paths leave such rows unsteered).
+            undefined behaviour (the Triton paths and the torch gather path leave such rows
+            unsteered).
 
     Returns:
         out, shaped like ``hidden`` (contiguous), in its dtype. Differentiable in hidden,

@@ -162,10 +162,13 @@ def _gathered_forward(
     activations: Sequence[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gather path: every row's own D and U, gathered, in two batched matmuls."""
-    rank, hidden_size = down_weights.shape[1:]
+    n_slots, rank, hidden_size = down_weights.shape
     h = hidden if residual is None else residual + hidden
     h_rows = h.reshape(-1, hidden_size)
     index = adapter_index.reshape(-1)
+    # An out-of-range slot (possible only with the op's index check off) is left unsteered, as
+    # on the Triton paths, instead of indexing outside the weights.
+    index = torch.where((index >= 0) & (index < n_slots), index, 0)
     steered = (index != 0)[:, None]
     accumulate = z_dtype(h.dtype)
     # [N, R, d] @ [N, d, 1]: each row's z = D_a h_n + bd_a, the bias added inside the product

@@ -223,22 +223,24 @@ def test_all_rows_on_slot_zero(backend, path, device):
     assert torch.equal(bits(out), bits(hidden))
 
 
-@pytest.mark.parametrize("path", ["gather", "grouped"])
-def test_unchecked_out_of_range_index_is_unsteered_on_triton(path, device):
-    """With check_index=False an out-of-range slot is the caller's bug; the Triton paths then
-    leave the row unsteered instead of reading outside the weights or skipping the row."""
+@pytest.mark.parametrize("backend, path", [("triton", "gather"), ("triton", "grouped"),
+                                           ("torch", "gather")])
+def test_unchecked_out_of_range_index_is_unsteered(backend, path, device):
+    """With check_index=False an out-of-range slot is the caller's bug; the Triton paths and
+    the torch gather path then leave the row unsteered instead of reading outside the weights
+    or skipping the row."""
     inputs = make_inputs((6, 24), (2, 2, 2), device=device)
     index = torch.tensor([1, 7, 2, -1, 0, 3], device=device)
     tensors = [t.detach() for t in inputs.tensors()[:5]]
     out = multi_adapter_steer(
         *tensors, adapter_index=index, scales=torch.ones(6, device=device), activations="silu",
-        backend="triton", path=path, check_index=False,
+        backend=backend, path=path, check_index=False,
     )
     assert torch.equal(out[[1, 3, 4, 5]], tensors[0][[1, 3, 4, 5]])
     assert not torch.equal(out[[0, 2]], tensors[0][[0, 2]])
     with pytest.raises(ValueError, match="adapter_index"):
         multi_adapter_steer(*tensors, adapter_index=index, scales=torch.ones(6, device=device),
-                            activations="silu", backend="triton", path=path)
+                            activations="silu", backend=backend, path=path)
 
 
 @pytest.mark.parametrize("backend, path", [("torch", "auto"), ("triton", "gather")],
