@@ -246,16 +246,6 @@ def report(
     return "\n".join(lines) + "\n"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[2048, 4096])
@@ -286,17 +276,16 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before steer_fast's kernels are imported
 
     # Imported only now: the kernels read TRITON_INTERPRET when they are first imported.
+    from steer_fast.benchmark import records as records_module
     from steer_fast.benchmark.timing import TimingPlan
 
     paths = backend(args.backend)
     dtype = getattr(torch, args.dtype)
     if args.backend == "torch" and not args.interpret:
-        if torch.cuda.is_available():
-            device, device_name = torch.device("cuda"), torch.cuda.get_device_name()
-        else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
             torch.set_num_threads(args.threads)
-            device = torch.device("cpu")
-            device_name = f"{_cpu_name()} ({args.threads} torch thread(s))"
+        device_name = records_module.device_name(device)
         slug = device_name.split(" (")[0].replace(" ", "-").replace("(R)", "").lower()
         name = f"multi-torch-path-{slug}-{datetime.date.today().isoformat()}"
         case_list = cases(

@@ -57,6 +57,7 @@ from .post_block_steer import (
     LaunchPlan,
     _dot,
     _dot_types,
+    _grad_up_projection,
     _load_weight_tile,
     _num_sms,
     _row_offsets,
@@ -100,20 +101,11 @@ def _multi_backward_rows_kernel(
         grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
         ranks = tl.arange(0, R_PAD)
         rank_mask = ranks < rank
-        up_ptr = up_weights_ptr + slot * stride_up_slot
-
-        projected = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
-            g = tl.load(
-                grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-                mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-            )
-            up = _load_weight_tile(
-                up_ptr, cols, ranks, stride_up_col, stride_up_rank, col_mask, rank_mask
-            )
-            projected = _dot(g, up, projected, OPERAND_DTYPE, INPUT_PRECISION)
+        projected = _grad_up_projection(
+            grad_out_ptr, grad_rows, row_mask, up_weights_ptr + slot * stride_up_slot, ranks,
+            rank_mask, hidden_size, stride_grad_col, stride_up_col, stride_up_rank,
+            OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+        )
 
         small_mask = row_mask[:, None] & rank_mask[None, :]
         z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0)

@@ -155,6 +155,30 @@ def _steer_output_tile(
     )
 
 
+@triton.jit
+def _grad_up_projection(
+    grad_out_ptr, grad_rows, row_mask, up_weight_ptr, ranks, rank_mask, hidden_size,
+    stride_grad_col, stride_up_col, stride_up_rank,
+    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """s_r = g U for one block of rows ([BLOCK_M, R_PAD] fp32), streaming g and U in BLOCK_D
+    column chunks. ``grad_rows`` are the rows' element offsets into grad_out."""
+    projected = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+    for start in range(0, hidden_size, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < hidden_size
+        g = tl.load(
+            grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        up = _load_weight_tile(
+            up_weight_ptr, cols, ranks, stride_up_col, stride_up_rank, col_mask, rank_mask
+        )
+        projected = _dot(g, up, projected, OPERAND_DTYPE, INPUT_PRECISION)
+    return projected
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward kernel
 # ----------------------------------------------------------------------------------------------
@@ -267,18 +291,11 @@ def _post_block_steer_backward_rows_kernel(
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
 
-    projected = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-    for start in range(0, hidden_size, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_mask = cols < hidden_size
-        g = tl.load(
-            grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
-        )
-        up = _load_weight_tile(
-            up_weight_ptr, cols, ranks, stride_up_col, stride_up_rank, col_mask, rank_mask
-        )
-        projected = _dot(g, up, projected, OPERAND_DTYPE, INPUT_PRECISION)
+    projected = _grad_up_projection(
+        grad_out_ptr, grad_rows, row_mask, up_weight_ptr, ranks, rank_mask, hidden_size,
+        stride_grad_col, stride_up_col, stride_up_rank,
+        OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+    )
 
     small_mask = row_mask[:, None] & rank_mask[None, :]
     small_offsets = rows[:, None] * rank + ranks[None, :]
