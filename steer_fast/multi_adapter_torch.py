@@ -52,12 +52,11 @@ from .torch_backend import z_dtype
 # "auto" gathers while the gathered weights cost less than the slot loop they replace: the
 # gather copies N x R x d elements of D (and as many of U), the loop costs a fixed dozen small ops
 # per steering slot. Measured on a 2-core Xeon, 1 thread, fp32, r = 16
-# (bench/results/multi-torch-path-cpu-2026-12-03/): gathering copies about 2.4 ns an element and a
-# slot's loop iteration costs 38-54 us, so gathering wins while N R d <= about 16k elements per
-# slot: 1.3-1.9x at one row per adapter and d = 512, parity at two, slower at every size measured
-# with d = 2048. Below: half of that break-even, and never a gathered pair over
-# GATHER_MAX_ELEMENTS elements each (64 MiB in fp32).
-TORCH_GATHER_ELEMENTS_PER_SLOT = 8192
+# (bench/results/multi-torch-path-cpu-2026-12-03/): gathering is 1.5-2.5x faster at one row per
+# adapter and d = 512 and 1.2-1.5x at two, while at d = 2048 it is 0.90-1.00x at one row and
+# slower beyond: it wins up to about 16k gathered elements per slot, the bound below. Never a
+# gathered pair over GATHER_MAX_ELEMENTS elements each (64 MiB in fp32).
+TORCH_GATHER_ELEMENTS_PER_SLOT = 16384
 GATHER_MAX_ELEMENTS = 1 << 24
 
 
@@ -144,10 +143,14 @@ def _activate_rows(z: torch.Tensor, index: torch.Tensor, activations: Sequence[s
 def _batched_linear(
     rows: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor | None, index: torch.Tensor
 ) -> torch.Tensor:
-    """Row n times its own weight [out, in] (``weights[n]``), plus ``biases[index[n]]``."""
+    """Row n times its own weight [out, in] (``weights[n]``), plus ``biases[index[n]]``.
+
+    As [N, 1, in] @ [N, in, out]: on a CPU 2.3x faster than [N, out, in] @ [N, in, 1] at
+    N = 64, 16 x 512 (the batched GEMM's row form)."""
+    weights_t = weights.transpose(1, 2)
     if biases is None:
-        return torch.bmm(weights, rows[:, :, None])[:, :, 0]
-    return torch.baddbmm(biases[index][:, :, None], weights, rows[:, :, None])[:, :, 0]
+        return torch.bmm(rows[:, None, :], weights_t)[:, 0]
+    return torch.baddbmm(biases[index][:, None, :], rows[:, None, :], weights_t)[:, 0]
 
 
 def _gathered_forward(
@@ -171,8 +174,7 @@ def _gathered_forward(
     index = torch.where((index >= 0) & (index < n_slots), index, 0)
     steered = (index != 0)[:, None]
     accumulate = z_dtype(h.dtype)
-    # [N, R, d] @ [N, d, 1]: each row's z = D_a h_n + bd_a, the bias added inside the product
-    # as F.linear adds it.
+    # Each row's z = D_a h_n + bd_a, the bias added inside the product as F.linear adds it.
     z = _batched_linear(h_rows, down_weights[index], down_biases, index)
     z = torch.where(steered, z.to(accumulate), 0)
     a = _activate_rows(z, index, activations).to(h.dtype)

@@ -381,7 +381,8 @@ def test_torch_auto_path_choice():
     per_slot = multi_adapter_torch.TORCH_GATHER_ELEMENTS_PER_SLOT
     choose = multi_adapter_torch.choose_path
     assert choose(64, 65, 16, 512) == "gather"  # decode: one row per adapter, small d
-    assert choose(128, 65, 16, 512) == "grouped"  # two rows per adapter
+    assert choose(128, 65, 16, 512) == "gather"  # two rows per adapter
+    assert choose(256, 65, 16, 512) == "grouped"  # four
     assert choose(64, 65, 16, 2048) == "grouped"  # larger d: the gather copies too much
     assert choose(per_slot * 4 // (16 * 512), 5, 16, 512) == "gather"
     assert choose(per_slot * 4 // (16 * 512) + 1, 5, 16, 512) == "grouped"
