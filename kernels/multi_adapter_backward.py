@@ -48,6 +48,7 @@ from .multi_adapter_common import (
     activation_kwargs,
     cut_slot_blocks,
     rows_per_outer,
+    slot_activation,
     sort_by_slot,
     weight_strides,
 )
@@ -62,22 +63,13 @@ from .post_block_steer import (
     _num_sms,
     _row_offsets,
     _row_strides,
+    _sum_partials,
     _token_splits,
     default_backward_config,
     padded_rank,
 )
 
 _REDUCE_BLOCK = 1024
-
-
-@triton.jit
-def _slot_activation(activation_ids_ptr, slot, ACTIVATION: tl.constexpr):
-    """The slot's activation id when the slots mix phis (ACTIVATION = -1); else unused."""
-    if ACTIVATION >= 0:
-        act = 0
-    else:
-        act = tl.load(activation_ids_ptr + slot)
-    return act
 
 
 @triton.jit
@@ -110,7 +102,7 @@ def _multi_backward_rows_kernel(
         small_mask = row_mask[:, None] & rank_mask[None, :]
         z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0)
         scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        act = _slot_activation(activation_ids_ptr, slot, ACTIVATION)
+        act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
         grad_z = scale[:, None] * activation_derivative_slot(z, act, ACTIVATION, ACTIVATION_SET)
         tl.store(
             grad_z_ptr + positions[:, None] * rank + ranks[None, :], grad_z * projected,
@@ -176,7 +168,7 @@ def _multi_backward_cols_kernel(
             ).to(tl.float32)
         else:
             up_bias = tl.zeros((BLOCK_D,), tl.float32)
-        act = _slot_activation(activation_ids_ptr, slot, ACTIVATION)
+        act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
 
         grad_down = tl.zeros((R_PAD, BLOCK_D), tl.float32)
         grad_up = tl.zeros((BLOCK_D, R_PAD), tl.float32)
@@ -256,36 +248,13 @@ def _reduce_slot_grads_kernel(
     slot = tl.program_id(1).to(tl.int64)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     n_weight = rank * hidden_size
-    partial_stride = 2 * n_weight + hidden_size + rank
-    mask = offsets < partial_stride
     first = tl.load(first_block_ptr + slot)
     # Slot 0's units wrote no partials: sum none of them.
     last = tl.where(slot == 0, first, first + tl.load(blocks_ptr + slot))
-    total = tl.zeros((BLOCK,), tl.float32)
-    for block in range(first, last):
-        total += tl.load(partial_ptr + block * partial_stride + offsets, mask=mask, other=0.0)
-
-    up_start = n_weight
-    up_bias_start = 2 * n_weight
-    down_bias_start = 2 * n_weight + hidden_size
-    tl.store(
-        grad_down_weights_ptr + slot * n_weight + offsets,
-        total.to(grad_down_weights_ptr.dtype.element_ty), mask=offsets < up_start,
-    )
-    tl.store(
-        grad_up_weights_ptr + slot * n_weight + (offsets - up_start),
-        total.to(grad_up_weights_ptr.dtype.element_ty),
-        mask=(offsets >= up_start) & (offsets < up_bias_start),
-    )
-    tl.store(
-        grad_up_biases_ptr + slot * hidden_size + (offsets - up_bias_start),
-        total.to(grad_up_biases_ptr.dtype.element_ty),
-        mask=(offsets >= up_bias_start) & (offsets < down_bias_start),
-    )
-    tl.store(
-        grad_down_biases_ptr + slot * rank + (offsets - down_bias_start),
-        total.to(grad_down_biases_ptr.dtype.element_ty),
-        mask=(offsets >= down_bias_start) & mask,
+    _sum_partials(
+        partial_ptr, first, last, offsets, grad_down_weights_ptr + slot * n_weight,
+        grad_up_weights_ptr + slot * n_weight, grad_down_biases_ptr + slot * rank,
+        grad_up_biases_ptr + slot * hidden_size, n_weight, hidden_size, rank, BLOCK,
     )
 
 

@@ -65,6 +65,17 @@ def activation_derivative_slot(z, act, ACTIVATION: tl.constexpr, ACTIVATION_SET:
     return da
 
 
+@triton.jit
+def slot_activation(activation_ids_ptr, slot, ACTIVATION: tl.constexpr):
+    """The activation id of one slot, read from the [A] table when the slots mix phis
+    (ACTIVATION = -1); else 0, unused."""
+    if ACTIVATION >= 0:
+        act = 0
+    else:
+        act = tl.load(activation_ids_ptr + slot)
+    return act
+
+
 def activation_constants(activations: Sequence[str]) -> dict[str, int]:
     """ACTIVATION (one id, or -1 when the steering slots mix phis) and ACTIVATION_SET (the
     bitmask of ids used by slots 1..A-1; slot 0's activation is ignored)."""

@@ -84,19 +84,19 @@ from .multi_adapter_common import (
     gather_rank,
     plan_slot_blocks,
     rows_per_outer,
+    slot_activation,
     weight_strides,
 )
 from .post_block_steer import (
     BackwardConfig,
     KernelLaunch,
     LaunchPlan,
-    _dot,
     _dot_types,
+    _down_projection_pass,
     _load_hidden_tile,
-    _load_weight_tile,
     _row_offsets,
     _row_strides,
-    _steer_output_tile,
+    _steer_output_pass,
     interpreted,
     padded_rank,
 )
@@ -244,47 +244,27 @@ def _grouped_forward_kernel(
             )
             tl.store(out_ptr + rows[:, None] * hidden_size + cols[None, :], h, mask=mask)
     else:
-        down_ptr = down_weights_ptr + slot * stride_down_slot
-        up_ptr = up_weights_ptr + slot * stride_up_slot
-        up_bias_ptr = up_biases_ptr + slot * stride_up_bias_slot
         scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        z = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
-            h = _load_hidden_tile(
-                hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols,
-                row_mask[:, None] & col_mask[None, :], stride_hidden_col, stride_residual_col,
-                HAS_RESIDUAL, "evict_last",
-            )
-            down_t = _load_weight_tile(
-                down_ptr, cols, ranks, stride_down_col, stride_down_rank, col_mask, rank_mask
-            )
-            z = _dot(h, down_t, z, OPERAND_DTYPE, INPUT_PRECISION)
+        z = _down_projection_pass(
+            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask,
+            down_weights_ptr + slot * stride_down_slot, ranks, rank_mask, hidden_size,
+            stride_hidden_col, stride_residual_col, stride_down_col, stride_down_rank,
+            HAS_RESIDUAL, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+        )
         if HAS_DOWN_BIAS:
             z += tl.load(
                 down_biases_ptr + slot * rank + ranks, mask=rank_mask, other=0.0
             ).to(tl.float32)[None, :]
         tl.store(z_ptr + z_offsets, z, mask=z_mask)
-        if ACTIVATION >= 0:
-            act = 0
-        else:
-            act = tl.load(activation_ids_ptr + slot)
+        act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
         a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
-
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
-            mask = row_mask[:, None] & col_mask[None, :]
-            h = _load_hidden_tile(
-                hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-                stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
-            )
-            _steer_output_tile(
-                h, a, up_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
-                rank_mask, hidden_size, stride_up_col, stride_up_rank, stride_up_bias_col,
-                scale[:, None], HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
-            )
+        _steer_output_pass(
+            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, a,
+            up_weights_ptr + slot * stride_up_slot, up_biases_ptr + slot * stride_up_bias_slot,
+            out_ptr, rows, ranks, rank_mask, hidden_size, stride_hidden_col, stride_residual_col,
+            stride_up_col, stride_up_rank, stride_up_bias_col, scale[:, None],
+            HAS_RESIDUAL, HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_D,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,6 +156,57 @@ def _steer_output_tile(
 
 
 @triton.jit
+def _down_projection_pass(
+    hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, down_weight_ptr, ranks,
+    rank_mask, hidden_size, stride_hidden_col, stride_residual_col, stride_down_col,
+    stride_down_rank,
+    HAS_RESIDUAL: tl.constexpr, OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Pass 1 of the two-pass forward: h D^T for one block of rows ([BLOCK_M, R_PAD] fp32),
+    streaming h in BLOCK_D column chunks marked evict_last (pass 2 reads them again)."""
+    z = tl.zeros((BLOCK_M, R_PAD), tl.float32)
+    for start in range(0, hidden_size, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < hidden_size
+        h = _load_hidden_tile(
+            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols,
+            row_mask[:, None] & col_mask[None, :], stride_hidden_col, stride_residual_col,
+            HAS_RESIDUAL, "evict_last",
+        )
+        down_t = _load_weight_tile(
+            down_weight_ptr, cols, ranks, stride_down_col, stride_down_rank, col_mask, rank_mask
+        )
+        z = _dot(h, down_t, z, OPERAND_DTYPE, INPUT_PRECISION)
+    return z
+
+
+@triton.jit
+def _steer_output_pass(
+    hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, a, up_weight_ptr,
+    up_bias_ptr, out_ptr, rows, ranks, rank_mask, hidden_size, stride_hidden_col,
+    stride_residual_col, stride_up_col, stride_up_rank, stride_up_bias_col, scale,
+    HAS_RESIDUAL: tl.constexpr, HAS_UP_BIAS: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Pass 2 of the two-pass forward: out = h + s (a U^T + b_u) for one block of rows, h
+    streamed again in BLOCK_D column chunks marked evict_first."""
+    for start in range(0, hidden_size, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        col_mask = cols < hidden_size
+        mask = row_mask[:, None] & col_mask[None, :]
+        h = _load_hidden_tile(
+            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
+            stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
+        )
+        _steer_output_tile(
+            h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
+            rank_mask, hidden_size, stride_up_col, stride_up_rank, stride_up_bias_col, scale,
+            HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
+        )
+
+
+@triton.jit
 def _grad_up_projection(
     grad_out_ptr, grad_rows, row_mask, up_weight_ptr, ranks, rank_mask, hidden_size,
     stride_grad_col, stride_up_col, stride_up_rank,
@@ -223,19 +274,12 @@ def _post_block_steer_forward_kernel(
         )
         z = _dot(h, down_t, z, OPERAND_DTYPE, INPUT_PRECISION)
     else:
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
-            mask = row_mask[:, None] & col_mask[None, :]
-            h = _load_hidden_tile(
-                hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-                stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_last",
-            )
-            down_t = _load_weight_tile(
-                down_weight_ptr, cols, ranks, stride_down_col, stride_down_rank,
-                col_mask, rank_mask,
-            )
-            z = _dot(h, down_t, z, OPERAND_DTYPE, INPUT_PRECISION)
+        z = _down_projection_pass(
+            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, down_weight_ptr,
+            ranks, rank_mask, hidden_size, stride_hidden_col, stride_residual_col,
+            stride_down_col, stride_down_rank,
+            HAS_RESIDUAL, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+        )
 
     if HAS_DOWN_BIAS:
         z += tl.load(down_bias_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
@@ -253,19 +297,12 @@ def _post_block_steer_forward_kernel(
             HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
         )
     else:
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_mask = cols < hidden_size
-            mask = row_mask[:, None] & col_mask[None, :]
-            h = _load_hidden_tile(
-                hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-                stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
-            )
-            _steer_output_tile(
-                h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
-                rank_mask, hidden_size, stride_up_col, stride_up_rank, 1, scale,
-                HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
-            )
+        _steer_output_pass(
+            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, a, up_weight_ptr,
+            up_bias_ptr, out_ptr, rows, ranks, rank_mask, hidden_size, stride_hidden_col,
+            stride_residual_col, stride_up_col, stride_up_rank, 1, scale,
+            HAS_RESIDUAL, HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_D,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,18 +438,19 @@ def _post_block_steer_backward_cols_kernel(
 
 
 @triton.jit
-def _reduce_weight_grads_kernel(
-    partial_ptr, grad_down_weight_ptr, grad_up_weight_ptr, grad_down_bias_ptr, grad_up_bias_ptr,
-    n_splits, n_weight, hidden_size, rank,
+def _sum_partials(
+    partial_ptr, first, last, offsets, grad_down_weight_ptr, grad_up_weight_ptr,
+    grad_down_bias_ptr, grad_up_bias_ptr, n_weight, hidden_size, rank,
     BLOCK: tl.constexpr,
 ):
-    """Sum the per-split partials in split order (deterministic) and cast to the weight dtype."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """Rows [first, last) of an fp32 partial buffer laid out [dD (r x d) | dU (d x r) | db_u (d)
+    | db_d (r)] per row, summed in row order (deterministic) at ``offsets`` and stored, cast to
+    the weight dtype, into the four gradients."""
     partial_stride = 2 * n_weight + hidden_size + rank
     mask = offsets < partial_stride
     total = tl.zeros((BLOCK,), tl.float32)
-    for split in range(0, n_splits):
-        total += tl.load(partial_ptr + split * partial_stride + offsets, mask=mask, other=0.0)
+    for row in range(first, last):
+        total += tl.load(partial_ptr + row * partial_stride + offsets, mask=mask, other=0.0)
 
     up_start = n_weight
     up_bias_start = 2 * n_weight
@@ -434,6 +472,20 @@ def _reduce_weight_grads_kernel(
         grad_down_bias_ptr + (offsets - down_bias_start),
         total.to(grad_down_bias_ptr.dtype.element_ty),
         mask=(offsets >= down_bias_start) & mask,
+    )
+
+
+@triton.jit
+def _reduce_weight_grads_kernel(
+    partial_ptr, grad_down_weight_ptr, grad_up_weight_ptr, grad_down_bias_ptr, grad_up_bias_ptr,
+    n_splits, n_weight, hidden_size, rank,
+    BLOCK: tl.constexpr,
+):
+    """Sum the per-split partials in split order (deterministic) and cast to the weight dtype."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _sum_partials(
+        partial_ptr, 0, n_splits, offsets, grad_down_weight_ptr, grad_up_weight_ptr,
+        grad_down_bias_ptr, grad_up_bias_ptr, n_weight, hidden_size, rank, BLOCK,
     )
 
 
