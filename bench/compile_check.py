@@ -39,8 +39,11 @@ from steer_fast.kernels import post_block_steer as kernels
 from steer_fast.kernels import steering_vector as vector_kernels
 
 _POINTER_TYPES = {
-    torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-    torch.int64: "*i64", torch.int32: "*i32",
+    torch.float32: "*fp32",
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.int64: "*i64",
+    torch.int32: "*i32",
 }
 
 
@@ -202,13 +205,25 @@ def case_launches(
     down_bias = torch.zeros(r, dtype=dtype) if case.bias else None
     up_bias = torch.zeros(d, dtype=dtype) if case.bias else None
     forward = kernels.plan_forward(
-        hidden=hidden, down_weight=down, up_weight=up, down_bias=down_bias, up_bias=up_bias,
-        residual=residual, activation=case.activation, scale=0.5,
+        hidden=hidden,
+        down_weight=down,
+        up_weight=up,
+        down_bias=down_bias,
+        up_bias=up_bias,
+        residual=residual,
+        activation=case.activation,
+        scale=0.5,
     )
     out, z = forward.result
     backward = kernels.plan_backward(
-        grad_out=hidden, out=out, z=z, down_weight=down, up_weight=up, up_bias=up_bias,
-        activation=case.activation, scale=0.5,
+        grad_out=hidden,
+        out=out,
+        z=z,
+        down_weight=down,
+        up_weight=up,
+        up_bias=up_bias,
+        activation=case.activation,
+        scale=0.5,
     )
     return [*forward.launches, *backward.launches]
 
@@ -309,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 "kernel": launch.kernel.__name__,
                 "op": _op_name(case),
                 "hidden_size": case.hidden_size,
-                "rank": case.rank, "dtype": str(case.dtype).removeprefix("torch."),
-                "activation": case.activation, **usage._asdict(),
+                "rank": case.rank,
+                "dtype": str(case.dtype).removeprefix("torch."),
+                "activation": case.activation,
+                **usage._asdict(),
             }
             print(json.dumps(record), flush=True)
         return 0

@@ -120,18 +120,22 @@ def backend(name: str) -> Backend:
         from steer_fast.kernels import multi_adapter_steer as kernels
 
         return Backend(
-            name, lambda *args, path: kernels.multi_adapter_steer_forward(*args, path=path).out,
+            name,
+            lambda *args, path: kernels.multi_adapter_steer_forward(*args, path=path).out,
             lambda case: kernels.choose_path(case.tokens, case.adapters + 1),
-            "GROUPED_MIN_ROWS_PER_SLOT", kernels.GROUPED_MIN_ROWS_PER_SLOT,
+            "GROUPED_MIN_ROWS_PER_SLOT",
+            kernels.GROUPED_MIN_ROWS_PER_SLOT,
         )
     from steer_fast import multi_adapter_torch
 
     return Backend(
-        name, lambda *args, path: multi_adapter_torch.forward(*args, path=path)[0],
+        name,
+        lambda *args, path: multi_adapter_torch.forward(*args, path=path)[0],
         lambda case: multi_adapter_torch.choose_path(
             case.tokens, case.adapters + 1, case.rank, case.hidden_size
         ),
-        "TORCH_GATHER_ELEMENTS_PER_SLOT", multi_adapter_torch.TORCH_GATHER_ELEMENTS_PER_SLOT,
+        "TORCH_GATHER_ELEMENTS_PER_SLOT",
+        multi_adapter_torch.TORCH_GATHER_ELEMENTS_PER_SLOT,
     )
 
 
@@ -148,8 +152,11 @@ def measure_case(
         for path in ("gather", "grouped")
     }
     record = dict(
-        asdict(case), dtype=str(case.dtype).removeprefix("torch."), tokens=case.tokens,
-        backend=paths.name, auto=paths.choose_path(case),
+        asdict(case),
+        dtype=str(case.dtype).removeprefix("torch."),
+        tokens=case.tokens,
+        backend=paths.name,
+        auto=paths.choose_path(case),
     )
     outputs = {path: call.once() for path, call in calls.items()}
     if not _agree(outputs["gather"], outputs["grouped"], case.dtype):
@@ -195,18 +202,25 @@ def switch_points(records: list[dict]) -> list[dict]:
         wrong = [r for r in group if r["auto"] != r["faster"]]
         best = sum(min(r["gather_ms"], r["grouped_ms"]) for r in group)
         lost = sum(abs(r["gather_ms"] - r["grouped_ms"]) for r in wrong)
-        rows.append(dict(
-            hidden_size=key[0], rank=key[1], adapters=key[2], dtype=key[3],
-            switch_rows_per_adapter=switch,
-            measured=[r["rows_per_adapter"] for r in group],
-            auto_wrong=[r["rows_per_adapter"] for r in wrong],
-            auto_time_lost=lost / best if best > 0 else 0.0,
-        ))
+        rows.append(
+            dict(
+                hidden_size=key[0],
+                rank=key[1],
+                adapters=key[2],
+                dtype=key[3],
+                switch_rows_per_adapter=switch,
+                measured=[r["rows_per_adapter"] for r in group],
+                auto_wrong=[r["rows_per_adapter"] for r in wrong],
+                auto_time_lost=lost / best if best > 0 else 0.0,
+            )
+        )
     return rows
 
 
 def report(
-    records: list[dict], threshold: int, device_name: str,
+    records: list[dict],
+    threshold: int,
+    device_name: str,
     threshold_name: str = "GROUPED_MIN_ROWS_PER_SLOT",
 ) -> str:
     lines = [
@@ -252,22 +266,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--adapters", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument(
-        "--rows-per-adapter", type=int, nargs="+",
+        "--rows-per-adapter",
+        type=int,
+        nargs="+",
         default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
     )
-    parser.add_argument(
-        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"]
-    )
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--activation", default="silu")
     parser.add_argument(
-        "--backend", default="triton", choices=["triton", "torch"],
+        "--backend",
+        default="triton",
+        choices=["triton", "torch"],
         help="whose two paths to time: the Triton kernels' (CUDA) or the torch path's (any)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads on the CPU (default 1)"
     )
     parser.add_argument(
-        "--interpret", action="store_true",
+        "--interpret",
+        action="store_true",
         help="run the kernels under the Triton interpreter on tiny shapes (a check, no timing)",
     )
     parser.add_argument("--out", type=Path)
@@ -289,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         slug = device_name.split(" (")[0].replace(" ", "-").replace("(R)", "").lower()
         name = f"multi-torch-path-{slug}-{datetime.date.today().isoformat()}"
         case_list = cases(
-            args.hidden_sizes, args.ranks, args.adapters, args.rows_per_adapter, dtype,
+            args.hidden_sizes,
+            args.ranks,
+            args.adapters,
+            args.rows_per_adapter,
+            dtype,
             args.activation,
         )
         plan = TimingPlan(warmup=2, min_repeats=5, max_repeats=100, budget_s=0.2)
@@ -302,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         gpu = device_name.replace(" ", "-").lower()
         name = f"multi-switch-{gpu}-{datetime.date.today().isoformat()}"
         case_list = cases(
-            args.hidden_sizes, args.ranks, args.adapters, args.rows_per_adapter, dtype,
+            args.hidden_sizes,
+            args.ranks,
+            args.adapters,
+            args.rows_per_adapter,
+            dtype,
             args.activation,
         )
         plan = TimingPlan(warmup=3, min_repeats=10, max_repeats=200, budget_s=0.05)
@@ -315,14 +340,28 @@ def main(argv: list[str] | None = None) -> int:
     for record in run(case_list, device, plan, paths):
         records.append(record)
         print(json.dumps(record), flush=True)
-    (out / "switch.json").write_text(json.dumps({
-        "command": " ".join(["python", "bench/multi_adapter_switch.py",
-                             *(sys.argv[1:] if argv is None else argv)]),
-        "device": device_name, "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "backend": paths.name,
-        paths.threshold_name: paths.threshold,
-        "switch_points": switch_points(records), "records": records,
-    }, indent=2) + "\n")
+    (out / "switch.json").write_text(
+        json.dumps(
+            {
+                "command": " ".join(
+                    [
+                        "python",
+                        "bench/multi_adapter_switch.py",
+                        *(sys.argv[1:] if argv is None else argv),
+                    ]
+                ),
+                "device": device_name,
+                "torch": torch.__version__,
+                "triton": __import__("triton").__version__,
+                "backend": paths.name,
+                paths.threshold_name: paths.threshold,
+                "switch_points": switch_points(records),
+                "records": records,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     text = report(records, paths.threshold, device_name, paths.threshold_name)
     (out / "switch.md").write_text(text)
     print(text)

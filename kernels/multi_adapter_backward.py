@@ -74,14 +74,32 @@ _REDUCE_BLOCK = 1024
 
 @triton.jit
 def _multi_backward_rows_kernel(
-    grad_out_ptr, z_ptr, up_weights_ptr, scales_ptr, activation_ids_ptr,
-    order_ptr, block_slot_ptr, block_start_ptr, block_end_ptr, grad_z_ptr,
-    hidden_size, rank, rows_per_outer,
-    stride_grad_outer, stride_grad_inner, stride_grad_col,
-    stride_up_slot, stride_up_col, stride_up_rank,
-    ACTIVATION: tl.constexpr, ACTIVATION_SET: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    grad_out_ptr,
+    z_ptr,
+    up_weights_ptr,
+    scales_ptr,
+    activation_ids_ptr,
+    order_ptr,
+    block_slot_ptr,
+    block_start_ptr,
+    block_end_ptr,
+    grad_z_ptr,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    stride_grad_outer,
+    stride_grad_inner,
+    stride_grad_col,
+    stride_up_slot,
+    stride_up_col,
+    stride_up_rank,
+    ACTIVATION: tl.constexpr,
+    ACTIVATION_SET: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """gz = s phi_a'(z) * (g U_a) for one row block of slot a, stored fp32 by sorted position."""
     pid = tl.program_id(0)
@@ -94,9 +112,21 @@ def _multi_backward_rows_kernel(
         ranks = tl.arange(0, R_PAD)
         rank_mask = ranks < rank
         projected = _grad_up_projection(
-            grad_out_ptr, grad_rows, row_mask, up_weights_ptr + slot * stride_up_slot, ranks,
-            rank_mask, hidden_size, stride_grad_col, stride_up_col, stride_up_rank,
-            OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+            grad_out_ptr,
+            grad_rows,
+            row_mask,
+            up_weights_ptr + slot * stride_up_slot,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_grad_col,
+            stride_up_col,
+            stride_up_rank,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
+            BLOCK_M,
+            BLOCK_D,
+            R_PAD,
         )
 
         small_mask = row_mask[:, None] & rank_mask[None, :]
@@ -105,24 +135,52 @@ def _multi_backward_rows_kernel(
         act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
         grad_z = scale[:, None] * activation_derivative_slot(z, act, ACTIVATION, ACTIVATION_SET)
         tl.store(
-            grad_z_ptr + positions[:, None] * rank + ranks[None, :], grad_z * projected,
+            grad_z_ptr + positions[:, None] * rank + ranks[None, :],
+            grad_z * projected,
             mask=small_mask,
         )
 
 
 @triton.jit
 def _multi_backward_cols_kernel(
-    grad_out_ptr, out_ptr, z_ptr, down_weights_ptr, up_weights_ptr, up_biases_ptr, grad_z_ptr,
-    scales_ptr, activation_ids_ptr, order_ptr, unit_slot_ptr, unit_start_ptr, unit_end_ptr,
-    grad_hidden_ptr, partial_ptr,
-    hidden_size, rank, rows_per_outer, partial_stride,
-    stride_grad_outer, stride_grad_inner, stride_grad_col,
-    stride_down_slot, stride_down_rank, stride_down_col,
-    stride_up_slot, stride_up_col, stride_up_rank,
-    stride_up_bias_slot, stride_up_bias_col,
-    ACTIVATION: tl.constexpr, ACTIVATION_SET: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    grad_out_ptr,
+    out_ptr,
+    z_ptr,
+    down_weights_ptr,
+    up_weights_ptr,
+    up_biases_ptr,
+    grad_z_ptr,
+    scales_ptr,
+    activation_ids_ptr,
+    order_ptr,
+    unit_slot_ptr,
+    unit_start_ptr,
+    unit_end_ptr,
+    grad_hidden_ptr,
+    partial_ptr,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    partial_stride,
+    stride_grad_outer,
+    stride_grad_inner,
+    stride_grad_col,
+    stride_down_slot,
+    stride_down_rank,
+    stride_down_col,
+    stride_up_slot,
+    stride_up_col,
+    stride_up_rank,
+    stride_up_bias_slot,
+    stride_up_bias_col,
+    ACTIVATION: tl.constexpr,
+    ACTIVATION_SET: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """dh for a column tile over one token unit (one slot's run of sorted positions), and the
     unit's weight-gradient partials for that tile."""
@@ -146,25 +204,38 @@ def _multi_backward_cols_kernel(
             mask = row_mask[:, None] & col_mask[None, :]
             g = tl.load(
                 grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-                mask=mask, other=0.0,
+                mask=mask,
+                other=0.0,
             )
             tl.store(
                 grad_hidden_ptr + rows[:, None] * hidden_size + cols[None, :],
-                g.to(grad_hidden_ptr.dtype.element_ty), mask=mask,
+                g.to(grad_hidden_ptr.dtype.element_ty),
+                mask=mask,
             )
     else:
         down = _load_weight_tile(
-            down_weights_ptr + slot * stride_down_slot, ranks, cols, stride_down_rank,
-            stride_down_col, rank_mask, col_mask,
+            down_weights_ptr + slot * stride_down_slot,
+            ranks,
+            cols,
+            stride_down_rank,
+            stride_down_col,
+            rank_mask,
+            col_mask,
         )
         up_t = _load_weight_tile(
-            up_weights_ptr + slot * stride_up_slot, ranks, cols, stride_up_rank, stride_up_col,
-            rank_mask, col_mask,
+            up_weights_ptr + slot * stride_up_slot,
+            ranks,
+            cols,
+            stride_up_rank,
+            stride_up_col,
+            rank_mask,
+            col_mask,
         )
         if HAS_UP_BIAS:
             up_bias = tl.load(
                 up_biases_ptr + slot * stride_up_bias_slot + cols * stride_up_bias_col,
-                mask=col_mask, other=0.0,
+                mask=col_mask,
+                other=0.0,
             ).to(tl.float32)
         else:
             up_bias = tl.zeros((BLOCK_D,), tl.float32)
@@ -185,10 +256,12 @@ def _multi_backward_cols_kernel(
             grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
             g = tl.load(
                 grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-                mask=mask, other=0.0,
+                mask=mask,
+                other=0.0,
             )
             grad_z = tl.load(
-                grad_z_ptr + positions[:, None] * rank + ranks[None, :], mask=small_mask,
+                grad_z_ptr + positions[:, None] * rank + ranks[None, :],
+                mask=small_mask,
                 other=0.0,
             )
             z = tl.load(z_ptr + rows[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0)
@@ -199,14 +272,18 @@ def _multi_backward_cols_kernel(
 
             grad_h = _dot(grad_z, down, g.to(tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
             tl.store(
-                grad_hidden_ptr + dense_offsets, grad_h.to(grad_hidden_ptr.dtype.element_ty),
+                grad_hidden_ptr + dense_offsets,
+                grad_h.to(grad_hidden_ptr.dtype.element_ty),
                 mask=mask,
             )
 
             # Rebuild h = out - s (a U_a^T + bu_a) instead of having kept it from the forward.
             out = tl.load(out_ptr + dense_offsets, mask=mask, other=0.0)
             delta = _dot(
-                a, up_t, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), OPERAND_DTYPE,
+                a,
+                up_t,
+                tl.zeros((BLOCK_M, BLOCK_D), tl.float32),
+                OPERAND_DTYPE,
                 INPUT_PRECISION,
             )
             h = out.to(tl.float32) - scale[:, None] * (delta + up_bias[None, :])
@@ -219,11 +296,13 @@ def _multi_backward_cols_kernel(
         partial = partial_ptr + pid_unit.to(tl.int64) * partial_stride
         n_weight = rank * hidden_size
         tl.store(
-            partial + ranks[:, None] * hidden_size + cols[None, :], grad_down,
+            partial + ranks[:, None] * hidden_size + cols[None, :],
+            grad_down,
             mask=rank_mask[:, None] & col_mask[None, :],
         )
         tl.store(
-            partial + n_weight + cols[:, None] * rank + ranks[None, :], grad_up,
+            partial + n_weight + cols[:, None] * rank + ranks[None, :],
+            grad_up,
             mask=col_mask[:, None] & rank_mask[None, :],
         )
         tl.store(partial + 2 * n_weight + cols, grad_up_bias, mask=col_mask)
@@ -231,16 +310,23 @@ def _multi_backward_cols_kernel(
         # block, as in the single-adapter columns kernel).
         first_tile = (ranks * 0 + pid_col) == 0
         tl.store(
-            partial + 2 * n_weight + hidden_size + ranks, grad_down_bias,
+            partial + 2 * n_weight + hidden_size + ranks,
+            grad_down_bias,
             mask=rank_mask & first_tile,
         )
 
 
 @triton.jit
 def _reduce_slot_grads_kernel(
-    partial_ptr, first_block_ptr, blocks_ptr,
-    grad_down_weights_ptr, grad_up_weights_ptr, grad_down_biases_ptr, grad_up_biases_ptr,
-    hidden_size, rank,
+    partial_ptr,
+    first_block_ptr,
+    blocks_ptr,
+    grad_down_weights_ptr,
+    grad_up_weights_ptr,
+    grad_down_biases_ptr,
+    grad_up_biases_ptr,
+    hidden_size,
+    rank,
     BLOCK: tl.constexpr,
 ):
     """One chunk of one slot's gradients: its units' partials summed in unit order (fixed,
@@ -252,9 +338,18 @@ def _reduce_slot_grads_kernel(
     # Slot 0's units wrote no partials: sum none of them.
     last = tl.where(slot == 0, first, first + tl.load(blocks_ptr + slot))
     _sum_partials(
-        partial_ptr, first, last, offsets, grad_down_weights_ptr + slot * n_weight,
-        grad_up_weights_ptr + slot * n_weight, grad_down_biases_ptr + slot * rank,
-        grad_up_biases_ptr + slot * hidden_size, n_weight, hidden_size, rank, BLOCK,
+        partial_ptr,
+        first,
+        last,
+        offsets,
+        grad_down_weights_ptr + slot * n_weight,
+        grad_up_weights_ptr + slot * n_weight,
+        grad_down_biases_ptr + slot * rank,
+        grad_up_biases_ptr + slot * hidden_size,
+        n_weight,
+        hidden_size,
+        rank,
+        BLOCK,
     )
 
 
@@ -404,8 +499,16 @@ def multi_adapter_steer_backward(
     per-slot sums. ``grad_out`` has the shape of ``out`` and any strides. Bias gradients are
     always produced."""
     plan = plan_backward(
-        grad_out, out, z, down_weights, up_weights, up_biases, adapter_index, scales,
-        activations, config,
+        grad_out,
+        out,
+        z,
+        down_weights,
+        up_weights,
+        up_biases,
+        adapter_index,
+        scales,
+        activations,
+        config,
     )
     for launch in plan.launches:
         launch()

@@ -102,9 +102,17 @@ from .post_block_steer import (
 )
 
 __all__ = [
-    "GROUPED_MIN_ROWS_PER_SLOT", "BackwardConfig", "MultiAdapterConfig", "MultiSteerBackward",
-    "MultiSteerForward", "choose_path", "interpreted", "multi_adapter_steer_backward",
-    "multi_adapter_steer_forward", "plan_backward", "plan_forward",
+    "GROUPED_MIN_ROWS_PER_SLOT",
+    "BackwardConfig",
+    "MultiAdapterConfig",
+    "MultiSteerBackward",
+    "MultiSteerForward",
+    "choose_path",
+    "interpreted",
+    "multi_adapter_steer_backward",
+    "multi_adapter_steer_forward",
+    "plan_backward",
+    "plan_forward",
 ]
 
 # "auto" takes the grouped path from this many token rows per steering slot on. A guess to be
@@ -114,17 +122,44 @@ GROUPED_MIN_ROWS_PER_SLOT = 32
 
 @triton.jit
 def _gather_forward_kernel(
-    hidden_ptr, down_weights_ptr, up_weights_ptr, down_biases_ptr, up_biases_ptr, residual_ptr,
-    adapter_index_ptr, scales_ptr, activation_ids_ptr, out_ptr, z_ptr,
-    n_rows, n_slots, hidden_size, rank, rows_per_outer,
-    stride_hidden_outer, stride_hidden_inner, stride_hidden_col,
-    stride_residual_outer, stride_residual_inner, stride_residual_col,
-    stride_down_slot, stride_down_rank, stride_down_col,
-    stride_up_slot, stride_up_col, stride_up_rank,
-    stride_up_bias_slot, stride_up_bias_col,
-    ACTIVATION: tl.constexpr, ACTIVATION_SET: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    hidden_ptr,
+    down_weights_ptr,
+    up_weights_ptr,
+    down_biases_ptr,
+    up_biases_ptr,
+    residual_ptr,
+    adapter_index_ptr,
+    scales_ptr,
+    activation_ids_ptr,
+    out_ptr,
+    z_ptr,
+    n_rows,
+    n_slots,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    stride_hidden_outer,
+    stride_hidden_inner,
+    stride_hidden_col,
+    stride_residual_outer,
+    stride_residual_inner,
+    stride_residual_col,
+    stride_down_slot,
+    stride_down_rank,
+    stride_down_col,
+    stride_up_slot,
+    stride_up_col,
+    stride_up_rank,
+    stride_up_bias_slot,
+    stride_up_bias_col,
+    ACTIVATION: tl.constexpr,
+    ACTIVATION_SET: tl.constexpr,
+    HAS_DOWN_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,9 +171,7 @@ def _gather_forward_kernel(
     slots = tl.where(steered, slots, 0)
     scale = tl.load(scales_ptr + rows, mask=steered, other=0.0).to(tl.float32)
     hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(
-        rows, rows_per_outer, stride_residual_outer, stride_residual_inner
-    )
+    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
     weight_mask = steered[:, None, None] & rank_mask[None, :, None]
@@ -152,13 +185,21 @@ def _gather_forward_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < hidden_size
         h = _load_hidden_tile(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols,
-            row_mask[:, None] & col_mask[None, :], stride_hidden_col, stride_residual_col,
-            HAS_RESIDUAL, "evict_last",
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            cols,
+            row_mask[:, None] & col_mask[None, :],
+            stride_hidden_col,
+            stride_residual_col,
+            HAS_RESIDUAL,
+            "evict_last",
         )
         down = tl.load(
             down_rows + cols[None, None, :] * stride_down_col,
-            mask=weight_mask & col_mask[None, None, :], other=0.0,
+            mask=weight_mask & col_mask[None, None, :],
+            other=0.0,
         )
         z += tl.sum(h.to(tl.float32)[:, None, :] * down.to(tl.float32), axis=2)
     small_mask = steered[:, None] & rank_mask[None, :]
@@ -168,7 +209,8 @@ def _gather_forward_kernel(
             down_biases_ptr + slots[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0
         ).to(tl.float32)
     tl.store(
-        z_ptr + rows[:, None] * rank + ranks[None, :], z,
+        z_ptr + rows[:, None] * rank + ranks[None, :],
+        z,
         mask=row_mask[:, None] & rank_mask[None, :],
     )
     if ACTIVATION >= 0:
@@ -182,19 +224,30 @@ def _gather_forward_kernel(
         col_mask = cols < hidden_size
         mask = row_mask[:, None] & col_mask[None, :]
         h = _load_hidden_tile(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-            stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            cols,
+            mask,
+            stride_hidden_col,
+            stride_residual_col,
+            HAS_RESIDUAL,
+            "evict_first",
         )
         up = tl.load(
             up_rows + cols[None, None, :] * stride_up_col,
-            mask=weight_mask & col_mask[None, None, :], other=0.0,
+            mask=weight_mask & col_mask[None, None, :],
+            other=0.0,
         )
         delta = tl.sum(a[:, :, None] * up.to(tl.float32), axis=1)
         if HAS_UP_BIAS:
             delta += tl.load(
-                up_biases_ptr + slots[:, None] * stride_up_bias_slot
+                up_biases_ptr
+                + slots[:, None] * stride_up_bias_slot
                 + cols[None, :] * stride_up_bias_col,
-                mask=steered[:, None] & col_mask[None, :], other=0.0,
+                mask=steered[:, None] & col_mask[None, :],
+                other=0.0,
             ).to(tl.float32)
         steered_out = (h.to(tl.float32) + scale[:, None] * delta).to(h.dtype)
         # Slot-0 rows store h itself: bit-identical (h + 0 would turn -0.0 into +0.0).
@@ -204,19 +257,47 @@ def _gather_forward_kernel(
 
 @triton.jit
 def _grouped_forward_kernel(
-    hidden_ptr, down_weights_ptr, up_weights_ptr, down_biases_ptr, up_biases_ptr, residual_ptr,
-    scales_ptr, activation_ids_ptr, order_ptr, block_slot_ptr, block_start_ptr, block_end_ptr,
-    out_ptr, z_ptr,
-    hidden_size, rank, rows_per_outer,
-    stride_hidden_outer, stride_hidden_inner, stride_hidden_col,
-    stride_residual_outer, stride_residual_inner, stride_residual_col,
-    stride_down_slot, stride_down_rank, stride_down_col,
-    stride_up_slot, stride_up_col, stride_up_rank,
-    stride_up_bias_slot, stride_up_bias_col,
-    ACTIVATION: tl.constexpr, ACTIVATION_SET: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    hidden_ptr,
+    down_weights_ptr,
+    up_weights_ptr,
+    down_biases_ptr,
+    up_biases_ptr,
+    residual_ptr,
+    scales_ptr,
+    activation_ids_ptr,
+    order_ptr,
+    block_slot_ptr,
+    block_start_ptr,
+    block_end_ptr,
+    out_ptr,
+    z_ptr,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    stride_hidden_outer,
+    stride_hidden_inner,
+    stride_hidden_col,
+    stride_residual_outer,
+    stride_residual_inner,
+    stride_residual_col,
+    stride_down_slot,
+    stride_down_rank,
+    stride_down_col,
+    stride_up_slot,
+    stride_up_col,
+    stride_up_rank,
+    stride_up_bias_slot,
+    stride_up_bias_col,
+    ACTIVATION: tl.constexpr,
+    ACTIVATION_SET: tl.constexpr,
+    HAS_DOWN_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     slot = tl.load(block_slot_ptr + pid).to(tl.int64)
@@ -224,9 +305,7 @@ def _grouped_forward_kernel(
     row_mask = positions < tl.load(block_end_ptr + pid)
     rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
     hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(
-        rows, rows_per_outer, stride_residual_outer, stride_residual_inner
-    )
+    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
     z_offsets = rows[:, None] * rank + ranks[None, :]
@@ -239,31 +318,73 @@ def _grouped_forward_kernel(
             cols = start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols < hidden_size)[None, :]
             h = _load_hidden_tile(
-                hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-                stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
+                hidden_ptr,
+                residual_ptr,
+                hidden_rows,
+                residual_rows,
+                cols,
+                mask,
+                stride_hidden_col,
+                stride_residual_col,
+                HAS_RESIDUAL,
+                "evict_first",
             )
             tl.store(out_ptr + rows[:, None] * hidden_size + cols[None, :], h, mask=mask)
     else:
         scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         z = _down_projection_pass(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask,
-            down_weights_ptr + slot * stride_down_slot, ranks, rank_mask, hidden_size,
-            stride_hidden_col, stride_residual_col, stride_down_col, stride_down_rank,
-            HAS_RESIDUAL, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            row_mask,
+            down_weights_ptr + slot * stride_down_slot,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_hidden_col,
+            stride_residual_col,
+            stride_down_col,
+            stride_down_rank,
+            HAS_RESIDUAL,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
+            BLOCK_M,
+            BLOCK_D,
+            R_PAD,
         )
         if HAS_DOWN_BIAS:
-            z += tl.load(
-                down_biases_ptr + slot * rank + ranks, mask=rank_mask, other=0.0
-            ).to(tl.float32)[None, :]
+            z += tl.load(down_biases_ptr + slot * rank + ranks, mask=rank_mask, other=0.0).to(
+                tl.float32
+            )[None, :]
         tl.store(z_ptr + z_offsets, z, mask=z_mask)
         act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
         a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
         _steer_output_pass(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, a,
-            up_weights_ptr + slot * stride_up_slot, up_biases_ptr + slot * stride_up_bias_slot,
-            out_ptr, rows, ranks, rank_mask, hidden_size, stride_hidden_col, stride_residual_col,
-            stride_up_col, stride_up_rank, stride_up_bias_col, scale[:, None],
-            HAS_RESIDUAL, HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_D,
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            row_mask,
+            a,
+            up_weights_ptr + slot * stride_up_slot,
+            up_biases_ptr + slot * stride_up_bias_slot,
+            out_ptr,
+            rows,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_hidden_col,
+            stride_residual_col,
+            stride_up_col,
+            stride_up_rank,
+            stride_up_bias_col,
+            scale[:, None],
+            HAS_RESIDUAL,
+            HAS_UP_BIAS,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
+            BLOCK_D,
         )
 
 
@@ -333,7 +454,9 @@ def plan_forward(
     if path == "gather":
         config = config or default_gather_config(hidden_size, rank)
         kwargs.update(
-            adapter_index_ptr=adapter_index, n_rows=n_rows, n_slots=n_slots,
+            adapter_index_ptr=adapter_index,
+            n_rows=n_rows,
+            n_slots=n_slots,
             R_PAD=gather_rank(rank),
         )
         kernel, grid = _gather_forward_kernel, triton.cdiv(n_rows, config.block_m)
@@ -342,9 +465,12 @@ def plan_forward(
         table: SlotBlocks = plan_slot_blocks(adapter_index, n_slots, config.block_m)
         operand_dtype, input_precision = _dot_types(hidden.dtype)
         kwargs.update(
-            order_ptr=table.order, block_slot_ptr=table.block_slot,
-            block_start_ptr=table.block_start, block_end_ptr=table.block_end,
-            OPERAND_DTYPE=operand_dtype, INPUT_PRECISION=input_precision,
+            order_ptr=table.order,
+            block_slot_ptr=table.block_slot,
+            block_start_ptr=table.block_start,
+            block_end_ptr=table.block_end,
+            OPERAND_DTYPE=operand_dtype,
+            INPUT_PRECISION=input_precision,
             R_PAD=padded_rank(rank),
         )
         kernel, grid = _grouped_forward_kernel, table.grid
@@ -370,8 +496,17 @@ def multi_adapter_steer_forward(
 ) -> MultiSteerForward:
     """Run the forward. Inputs are assumed validated (steer_fast.multi_adapter_op does that)."""
     plan = plan_forward(
-        hidden, down_weights, up_weights, down_biases, up_biases, residual, adapter_index,
-        scales, activations, path, config,
+        hidden,
+        down_weights,
+        up_weights,
+        down_biases,
+        up_biases,
+        residual,
+        adapter_index,
+        scales,
+        activations,
+        path,
+        config,
     )
     for launch in plan.launches:
         launch()

@@ -102,9 +102,16 @@ def _dot(lhs, rhs, acc, OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constex
 
 @triton.jit
 def _load_hidden_tile(
-    hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-    stride_hidden_col, stride_residual_col,
-    HAS_RESIDUAL: tl.constexpr, EVICTION: tl.constexpr,
+    hidden_ptr,
+    residual_ptr,
+    hidden_rows,
+    residual_rows,
+    cols,
+    mask,
+    stride_hidden_col,
+    stride_residual_col,
+    HAS_RESIDUAL: tl.constexpr,
+    EVICTION: tl.constexpr,
 ):
     """h = residual + hidden for one [BLOCK_M, BLOCK_D] tile, in the storage dtype.
 
@@ -112,12 +119,16 @@ def _load_hidden_tile(
     """
     h = tl.load(
         hidden_ptr + hidden_rows[:, None] + cols[None, :] * stride_hidden_col,
-        mask=mask, other=0.0, eviction_policy=EVICTION,
+        mask=mask,
+        other=0.0,
+        eviction_policy=EVICTION,
     )
     if HAS_RESIDUAL:
         res = tl.load(
             residual_ptr + residual_rows[:, None] + cols[None, :] * stride_residual_col,
-            mask=mask, other=0.0, eviction_policy=EVICTION,
+            mask=mask,
+            other=0.0,
+            eviction_policy=EVICTION,
         )
         h = (h.to(tl.float32) + res.to(tl.float32)).to(h.dtype)
     return h
@@ -128,15 +139,32 @@ def _load_weight_tile(ptr, index_0, index_1, stride_0, stride_1, mask_0, mask_1)
     """A [len(index_0), len(index_1)] tile of a strided 2-D weight, zero outside the masks."""
     return tl.load(
         ptr + index_0[:, None] * stride_0 + index_1[None, :] * stride_1,
-        mask=mask_0[:, None] & mask_1[None, :], other=0.0,
+        mask=mask_0[:, None] & mask_1[None, :],
+        other=0.0,
     )
 
 
 @triton.jit
 def _steer_output_tile(
-    h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks, rank_mask,
-    hidden_size, stride_up_col, stride_up_rank, stride_up_bias_col, scale,
-    HAS_UP_BIAS: tl.constexpr, OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    h,
+    a,
+    up_weight_ptr,
+    up_bias_ptr,
+    out_ptr,
+    rows,
+    cols,
+    mask,
+    col_mask,
+    ranks,
+    rank_mask,
+    hidden_size,
+    stride_up_col,
+    stride_up_rank,
+    stride_up_bias_col,
+    scale,
+    HAS_UP_BIAS: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """out = h + s (a U^T + b_u) for one tile, stored to the contiguous output. ``scale`` is a
     scalar, or one strength per row as a [BLOCK_M, 1] block (multi_adapter_steer)."""
@@ -145,23 +173,38 @@ def _steer_output_tile(
     )
     delta = _dot(a, up_t, tl.zeros(h.shape, tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
     if HAS_UP_BIAS:
-        delta += tl.load(
-            up_bias_ptr + cols * stride_up_bias_col, mask=col_mask, other=0.0
-        ).to(tl.float32)[None, :]
+        delta += tl.load(up_bias_ptr + cols * stride_up_bias_col, mask=col_mask, other=0.0).to(
+            tl.float32
+        )[None, :]
     out = h.to(tl.float32) + scale * delta
     tl.store(
         out_ptr + rows[:, None] * hidden_size + cols[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=mask,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
     )
 
 
 @triton.jit
 def _down_projection_pass(
-    hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, down_weight_ptr, ranks,
-    rank_mask, hidden_size, stride_hidden_col, stride_residual_col, stride_down_col,
+    hidden_ptr,
+    residual_ptr,
+    hidden_rows,
+    residual_rows,
+    row_mask,
+    down_weight_ptr,
+    ranks,
+    rank_mask,
+    hidden_size,
+    stride_hidden_col,
+    stride_residual_col,
+    stride_down_col,
     stride_down_rank,
-    HAS_RESIDUAL: tl.constexpr, OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """Pass 1 of the two-pass forward: h D^T for one block of rows ([BLOCK_M, R_PAD] fp32),
     streaming h in BLOCK_D column chunks marked evict_last (pass 2 reads them again)."""
@@ -170,9 +213,16 @@ def _down_projection_pass(
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < hidden_size
         h = _load_hidden_tile(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols,
-            row_mask[:, None] & col_mask[None, :], stride_hidden_col, stride_residual_col,
-            HAS_RESIDUAL, "evict_last",
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            cols,
+            row_mask[:, None] & col_mask[None, :],
+            stride_hidden_col,
+            stride_residual_col,
+            HAS_RESIDUAL,
+            "evict_last",
         )
         down_t = _load_weight_tile(
             down_weight_ptr, cols, ranks, stride_down_col, stride_down_rank, col_mask, rank_mask
@@ -183,11 +233,30 @@ def _down_projection_pass(
 
 @triton.jit
 def _steer_output_pass(
-    hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, a, up_weight_ptr,
-    up_bias_ptr, out_ptr, rows, ranks, rank_mask, hidden_size, stride_hidden_col,
-    stride_residual_col, stride_up_col, stride_up_rank, stride_up_bias_col, scale,
-    HAS_RESIDUAL: tl.constexpr, HAS_UP_BIAS: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+    hidden_ptr,
+    residual_ptr,
+    hidden_rows,
+    residual_rows,
+    row_mask,
+    a,
+    up_weight_ptr,
+    up_bias_ptr,
+    out_ptr,
+    rows,
+    ranks,
+    rank_mask,
+    hidden_size,
+    stride_hidden_col,
+    stride_residual_col,
+    stride_up_col,
+    stride_up_rank,
+    stride_up_bias_col,
+    scale,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Pass 2 of the two-pass forward: out = h + s (a U^T + b_u) for one block of rows, h
     streamed again in BLOCK_D column chunks marked evict_first."""
@@ -196,22 +265,57 @@ def _steer_output_pass(
         col_mask = cols < hidden_size
         mask = row_mask[:, None] & col_mask[None, :]
         h = _load_hidden_tile(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-            stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            cols,
+            mask,
+            stride_hidden_col,
+            stride_residual_col,
+            HAS_RESIDUAL,
+            "evict_first",
         )
         _steer_output_tile(
-            h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
-            rank_mask, hidden_size, stride_up_col, stride_up_rank, stride_up_bias_col, scale,
-            HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
+            h,
+            a,
+            up_weight_ptr,
+            up_bias_ptr,
+            out_ptr,
+            rows,
+            cols,
+            mask,
+            col_mask,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_up_col,
+            stride_up_rank,
+            stride_up_bias_col,
+            scale,
+            HAS_UP_BIAS,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
         )
 
 
 @triton.jit
 def _grad_up_projection(
-    grad_out_ptr, grad_rows, row_mask, up_weight_ptr, ranks, rank_mask, hidden_size,
-    stride_grad_col, stride_up_col, stride_up_rank,
-    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    grad_out_ptr,
+    grad_rows,
+    row_mask,
+    up_weight_ptr,
+    ranks,
+    rank_mask,
+    hidden_size,
+    stride_grad_col,
+    stride_up_col,
+    stride_up_rank,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """s_r = g U for one block of rows ([BLOCK_M, R_PAD] fp32), streaming g and U in BLOCK_D
     column chunks. ``grad_rows`` are the rows' element offsets into grad_out."""
@@ -221,7 +325,8 @@ def _grad_up_projection(
         col_mask = cols < hidden_size
         g = tl.load(
             grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
         )
         up = _load_weight_tile(
             up_weight_ptr, cols, ranks, stride_up_col, stride_up_rank, col_mask, rank_mask
@@ -237,26 +342,45 @@ def _grad_up_projection(
 
 @triton.jit
 def _post_block_steer_forward_kernel(
-    hidden_ptr, down_weight_ptr, up_weight_ptr, down_bias_ptr, up_bias_ptr, residual_ptr,
-    out_ptr, z_ptr,
-    n_rows, hidden_size, rank, rows_per_outer,
-    stride_hidden_outer, stride_hidden_inner, stride_hidden_col,
-    stride_residual_outer, stride_residual_inner, stride_residual_col,
-    stride_down_rank, stride_down_col, stride_up_col, stride_up_rank,
+    hidden_ptr,
+    down_weight_ptr,
+    up_weight_ptr,
+    down_bias_ptr,
+    up_bias_ptr,
+    residual_ptr,
+    out_ptr,
+    z_ptr,
+    n_rows,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    stride_hidden_outer,
+    stride_hidden_inner,
+    stride_hidden_col,
+    stride_residual_outer,
+    stride_residual_inner,
+    stride_residual_col,
+    stride_down_rank,
+    stride_down_col,
+    stride_up_col,
+    stride_up_rank,
     scale,
     ACTIVATION: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_DOWN_BIAS: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
     SINGLE_PASS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(
-        rows, rows_per_outer, stride_residual_outer, stride_residual_inner
-    )
+    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
     z = tl.zeros((BLOCK_M, R_PAD), tl.float32)
@@ -266,8 +390,16 @@ def _post_block_steer_forward_kernel(
         col_mask = cols < hidden_size
         mask = row_mask[:, None] & col_mask[None, :]
         h = _load_hidden_tile(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-            stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            cols,
+            mask,
+            stride_hidden_col,
+            stride_residual_col,
+            HAS_RESIDUAL,
+            "evict_first",
         )
         down_t = _load_weight_tile(
             down_weight_ptr, cols, ranks, stride_down_col, stride_down_rank, col_mask, rank_mask
@@ -275,16 +407,32 @@ def _post_block_steer_forward_kernel(
         z = _dot(h, down_t, z, OPERAND_DTYPE, INPUT_PRECISION)
     else:
         z = _down_projection_pass(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, down_weight_ptr,
-            ranks, rank_mask, hidden_size, stride_hidden_col, stride_residual_col,
-            stride_down_col, stride_down_rank,
-            HAS_RESIDUAL, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            row_mask,
+            down_weight_ptr,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_hidden_col,
+            stride_residual_col,
+            stride_down_col,
+            stride_down_rank,
+            HAS_RESIDUAL,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
+            BLOCK_M,
+            BLOCK_D,
+            R_PAD,
         )
 
     if HAS_DOWN_BIAS:
         z += tl.load(down_bias_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(
-        z_ptr + rows[:, None] * rank + ranks[None, :], z,
+        z_ptr + rows[:, None] * rank + ranks[None, :],
+        z,
         mask=row_mask[:, None] & rank_mask[None, :],
     )
     # Padded rank lanes hold z = 0 and phi(0) = 0 for every phi, so they add nothing below.
@@ -292,16 +440,52 @@ def _post_block_steer_forward_kernel(
 
     if SINGLE_PASS:
         _steer_output_tile(
-            h, a, up_weight_ptr, up_bias_ptr, out_ptr, rows, cols, mask, col_mask, ranks,
-            rank_mask, hidden_size, stride_up_col, stride_up_rank, 1, scale,
-            HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION,
+            h,
+            a,
+            up_weight_ptr,
+            up_bias_ptr,
+            out_ptr,
+            rows,
+            cols,
+            mask,
+            col_mask,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_up_col,
+            stride_up_rank,
+            1,
+            scale,
+            HAS_UP_BIAS,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
         )
     else:
         _steer_output_pass(
-            hidden_ptr, residual_ptr, hidden_rows, residual_rows, row_mask, a, up_weight_ptr,
-            up_bias_ptr, out_ptr, rows, ranks, rank_mask, hidden_size, stride_hidden_col,
-            stride_residual_col, stride_up_col, stride_up_rank, 1, scale,
-            HAS_RESIDUAL, HAS_UP_BIAS, OPERAND_DTYPE, INPUT_PRECISION, BLOCK_D,
+            hidden_ptr,
+            residual_ptr,
+            hidden_rows,
+            residual_rows,
+            row_mask,
+            a,
+            up_weight_ptr,
+            up_bias_ptr,
+            out_ptr,
+            rows,
+            ranks,
+            rank_mask,
+            hidden_size,
+            stride_hidden_col,
+            stride_residual_col,
+            stride_up_col,
+            stride_up_rank,
+            1,
+            scale,
+            HAS_RESIDUAL,
+            HAS_UP_BIAS,
+            OPERAND_DTYPE,
+            INPUT_PRECISION,
+            BLOCK_D,
         )
 
 
@@ -312,13 +496,26 @@ def _post_block_steer_forward_kernel(
 
 @triton.jit
 def _post_block_steer_backward_rows_kernel(
-    grad_out_ptr, z_ptr, up_weight_ptr, grad_z_ptr,
-    n_rows, hidden_size, rank, rows_per_outer,
-    stride_grad_outer, stride_grad_inner, stride_grad_col,
-    stride_up_col, stride_up_rank,
+    grad_out_ptr,
+    z_ptr,
+    up_weight_ptr,
+    grad_z_ptr,
+    n_rows,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    stride_grad_outer,
+    stride_grad_inner,
+    stride_grad_col,
+    stride_up_col,
+    stride_up_rank,
     scale,
-    ACTIVATION: tl.constexpr, OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """gz = s phi'(z) * (g U) for one block of rows, stored fp32 [N, r]."""
     pid = tl.program_id(0)
@@ -329,9 +526,21 @@ def _post_block_steer_backward_rows_kernel(
     rank_mask = ranks < rank
 
     projected = _grad_up_projection(
-        grad_out_ptr, grad_rows, row_mask, up_weight_ptr, ranks, rank_mask, hidden_size,
-        stride_grad_col, stride_up_col, stride_up_rank,
-        OPERAND_DTYPE, INPUT_PRECISION, BLOCK_M, BLOCK_D, R_PAD,
+        grad_out_ptr,
+        grad_rows,
+        row_mask,
+        up_weight_ptr,
+        ranks,
+        rank_mask,
+        hidden_size,
+        stride_grad_col,
+        stride_up_col,
+        stride_up_rank,
+        OPERAND_DTYPE,
+        INPUT_PRECISION,
+        BLOCK_M,
+        BLOCK_D,
+        R_PAD,
     )
 
     small_mask = row_mask[:, None] & rank_mask[None, :]
@@ -343,15 +552,36 @@ def _post_block_steer_backward_rows_kernel(
 
 @triton.jit
 def _post_block_steer_backward_cols_kernel(
-    grad_out_ptr, out_ptr, z_ptr, down_weight_ptr, up_weight_ptr, up_bias_ptr, grad_z_ptr,
-    grad_hidden_ptr, partial_ptr,
-    n_rows, hidden_size, rank, rows_per_outer, rows_per_split, partial_stride,
-    stride_grad_outer, stride_grad_inner, stride_grad_col,
-    stride_down_rank, stride_down_col, stride_up_col, stride_up_rank,
+    grad_out_ptr,
+    out_ptr,
+    z_ptr,
+    down_weight_ptr,
+    up_weight_ptr,
+    up_bias_ptr,
+    grad_z_ptr,
+    grad_hidden_ptr,
+    partial_ptr,
+    n_rows,
+    hidden_size,
+    rank,
+    rows_per_outer,
+    rows_per_split,
+    partial_stride,
+    stride_grad_outer,
+    stride_grad_inner,
+    stride_grad_col,
+    stride_down_rank,
+    stride_down_col,
+    stride_up_col,
+    stride_up_rank,
     scale,
-    ACTIVATION: tl.constexpr, HAS_UP_BIAS: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_UP_BIAS: tl.constexpr,
+    OPERAND_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    R_PAD: tl.constexpr,
 ):
     """dh for a column tile over a token range, and that tile's weight-gradient partials.
 
@@ -394,14 +624,16 @@ def _post_block_steer_backward_cols_kernel(
         grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
         g = tl.load(
             grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-            mask=mask, other=0.0,
+            mask=mask,
+            other=0.0,
         )
         grad_z = tl.load(grad_z_ptr + small_offsets, mask=small_mask, other=0.0)
         a = apply_activation(tl.load(z_ptr + small_offsets, mask=small_mask, other=0.0), ACTIVATION)
 
         grad_h = _dot(grad_z, down, g.to(tl.float32), OPERAND_DTYPE, INPUT_PRECISION)
         tl.store(
-            grad_hidden_ptr + dense_offsets, grad_h.to(grad_hidden_ptr.dtype.element_ty),
+            grad_hidden_ptr + dense_offsets,
+            grad_h.to(grad_hidden_ptr.dtype.element_ty),
             mask=mask,
         )
 
@@ -420,11 +652,13 @@ def _post_block_steer_backward_cols_kernel(
     partial = partial_ptr + pid_split.to(tl.int64) * partial_stride
     n_weight = rank * hidden_size
     tl.store(
-        partial + ranks[:, None] * hidden_size + cols[None, :], grad_down,
+        partial + ranks[:, None] * hidden_size + cols[None, :],
+        grad_down,
         mask=rank_mask[:, None] & col_mask[None, :],
     )
     tl.store(
-        partial + n_weight + cols[:, None] * rank + ranks[None, :], scale * grad_up,
+        partial + n_weight + cols[:, None] * rank + ranks[None, :],
+        scale * grad_up,
         mask=col_mask[:, None] & rank_mask[None, :],
     )
     tl.store(partial + 2 * n_weight + cols, scale * grad_up_bias, mask=col_mask)
@@ -432,15 +666,25 @@ def _post_block_steer_backward_cols_kernel(
     # to a block: a scalar-and-block mask is not a boolean block under every interpreter.)
     first_tile = (ranks * 0 + pid_col) == 0
     tl.store(
-        partial + 2 * n_weight + hidden_size + ranks, grad_down_bias,
+        partial + 2 * n_weight + hidden_size + ranks,
+        grad_down_bias,
         mask=rank_mask & first_tile,
     )
 
 
 @triton.jit
 def _sum_partials(
-    partial_ptr, first, last, offsets, grad_down_weight_ptr, grad_up_weight_ptr,
-    grad_down_bias_ptr, grad_up_bias_ptr, n_weight, hidden_size, rank,
+    partial_ptr,
+    first,
+    last,
+    offsets,
+    grad_down_weight_ptr,
+    grad_up_weight_ptr,
+    grad_down_bias_ptr,
+    grad_up_bias_ptr,
+    n_weight,
+    hidden_size,
+    rank,
     BLOCK: tl.constexpr,
 ):
     """Rows [first, last) of an fp32 partial buffer laid out [dD (r x d) | dU (d x r) | db_u (d)
@@ -456,7 +700,8 @@ def _sum_partials(
     up_bias_start = 2 * n_weight
     down_bias_start = 2 * n_weight + hidden_size
     tl.store(
-        grad_down_weight_ptr + offsets, total.to(grad_down_weight_ptr.dtype.element_ty),
+        grad_down_weight_ptr + offsets,
+        total.to(grad_down_weight_ptr.dtype.element_ty),
         mask=offsets < up_start,
     )
     tl.store(
@@ -465,7 +710,8 @@ def _sum_partials(
         mask=(offsets >= up_start) & (offsets < up_bias_start),
     )
     tl.store(
-        grad_up_bias_ptr + (offsets - up_bias_start), total.to(grad_up_bias_ptr.dtype.element_ty),
+        grad_up_bias_ptr + (offsets - up_bias_start),
+        total.to(grad_up_bias_ptr.dtype.element_ty),
         mask=(offsets >= up_bias_start) & (offsets < down_bias_start),
     )
     tl.store(
@@ -477,15 +723,32 @@ def _sum_partials(
 
 @triton.jit
 def _reduce_weight_grads_kernel(
-    partial_ptr, grad_down_weight_ptr, grad_up_weight_ptr, grad_down_bias_ptr, grad_up_bias_ptr,
-    n_splits, n_weight, hidden_size, rank,
+    partial_ptr,
+    grad_down_weight_ptr,
+    grad_up_weight_ptr,
+    grad_down_bias_ptr,
+    grad_up_bias_ptr,
+    n_splits,
+    n_weight,
+    hidden_size,
+    rank,
     BLOCK: tl.constexpr,
 ):
     """Sum the per-split partials in split order (deterministic) and cast to the weight dtype."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     _sum_partials(
-        partial_ptr, 0, n_splits, offsets, grad_down_weight_ptr, grad_up_weight_ptr,
-        grad_down_bias_ptr, grad_up_bias_ptr, n_weight, hidden_size, rank, BLOCK,
+        partial_ptr,
+        0,
+        n_splits,
+        offsets,
+        grad_down_weight_ptr,
+        grad_up_weight_ptr,
+        grad_down_bias_ptr,
+        grad_up_bias_ptr,
+        n_weight,
+        hidden_size,
+        rank,
+        BLOCK,
     )
 
 
@@ -633,9 +896,7 @@ def _row_strides(name: str, tensor: torch.Tensor) -> dict[str, int]:
         outer, (inner, col) = 0, tensor.stride()
     else:
         outer, inner, col = tensor.stride()
-    return {
-        f"stride_{name}_outer": outer, f"stride_{name}_inner": inner, f"stride_{name}_col": col
-    }
+    return {f"stride_{name}_outer": outer, f"stride_{name}_inner": inner, f"stride_{name}_col": col}
 
 
 def _down_strides(down_weight: torch.Tensor) -> dict[str, int]:

@@ -82,13 +82,24 @@ from .post_block_steer import (
 
 @triton.jit
 def _steering_vector_forward_kernel(
-    hidden_ptr, bias_ptr, residual_ptr, out_ptr,
-    n_rows, hidden_size, rows_per_outer,
-    stride_hidden_outer, stride_hidden_inner, stride_hidden_col,
-    stride_residual_outer, stride_residual_inner, stride_residual_col,
+    hidden_ptr,
+    bias_ptr,
+    residual_ptr,
+    out_ptr,
+    n_rows,
+    hidden_size,
+    rows_per_outer,
+    stride_hidden_outer,
+    stride_hidden_inner,
+    stride_hidden_col,
+    stride_residual_outer,
+    stride_residual_inner,
+    stride_residual_col,
     stride_bias,
     scale,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out = (res + x) + s b for one [BLOCK_M, BLOCK_D] tile, stored to the contiguous out."""
     scale = tl.cast(scale, tl.float32)
@@ -98,29 +109,45 @@ def _steering_vector_forward_kernel(
     col_mask = cols < hidden_size
     mask = row_mask[:, None] & col_mask[None, :]
     hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(
-        rows, rows_per_outer, stride_residual_outer, stride_residual_inner
-    )
+    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     # Every element is read once: nothing is worth keeping in L2.
     h = _load_hidden_tile(
-        hidden_ptr, residual_ptr, hidden_rows, residual_rows, cols, mask,
-        stride_hidden_col, stride_residual_col, HAS_RESIDUAL, "evict_first",
+        hidden_ptr,
+        residual_ptr,
+        hidden_rows,
+        residual_rows,
+        cols,
+        mask,
+        stride_hidden_col,
+        stride_residual_col,
+        HAS_RESIDUAL,
+        "evict_first",
     )
     bias = tl.load(bias_ptr + cols * stride_bias, mask=col_mask, other=0.0).to(tl.float32)
     out = h.to(tl.float32) + scale * bias[None, :]
     tl.store(
         out_ptr + rows[:, None] * hidden_size + cols[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=mask,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
     )
 
 
 @triton.jit
 def _steering_vector_backward_kernel(
-    grad_out_ptr, partial_ptr, grad_bias_ptr,
-    n_rows, hidden_size, rows_per_outer, rows_per_split,
-    stride_grad_outer, stride_grad_inner, stride_grad_col,
+    grad_out_ptr,
+    partial_ptr,
+    grad_bias_ptr,
+    n_rows,
+    hidden_size,
+    rows_per_outer,
+    rows_per_split,
+    stride_grad_outer,
+    stride_grad_inner,
+    stride_grad_col,
     scale,
-    FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    FINAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Column sums of g over one token split, for one column tile.
 
@@ -143,7 +170,8 @@ def _steering_vector_backward_kernel(
         grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
         g = tl.load(
             grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
-            mask=(rows < row_end)[:, None] & col_mask[None, :], other=0.0,
+            mask=(rows < row_end)[:, None] & col_mask[None, :],
+            other=0.0,
             eviction_policy="evict_first",
         )
         acc += g.to(tl.float32)
@@ -151,7 +179,8 @@ def _steering_vector_backward_kernel(
 
     if FINAL:
         tl.store(
-            grad_bias_ptr + cols, (scale * total).to(grad_bias_ptr.dtype.element_ty),
+            grad_bias_ptr + cols,
+            (scale * total).to(grad_bias_ptr.dtype.element_ty),
             mask=col_mask,
         )
     else:
@@ -160,8 +189,10 @@ def _steering_vector_backward_kernel(
 
 @triton.jit
 def _steering_vector_reduce_kernel(
-    partial_ptr, grad_bias_ptr,
-    n_splits, hidden_size,
+    partial_ptr,
+    grad_bias_ptr,
+    n_splits,
+    hidden_size,
     scale,
     BLOCK_D: tl.constexpr,
 ):
@@ -328,16 +359,15 @@ def plan_backward(
 
     config = config or default_backward_config(hidden_size)
     n_col_tiles = triton.cdiv(hidden_size, config.block_d)
-    splits = config.splits or _token_splits(
-        n_rows, config.block_m, n_col_tiles, _num_sms(device)
-    )
+    splits = config.splits or _token_splits(n_rows, config.block_m, n_col_tiles, _num_sms(device))
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     rows_per_split = triton.cdiv(n_row_blocks, splits) * config.block_m
     splits = triton.cdiv(n_rows, rows_per_split)  # no empty splits
     final = splits == 1
     # Unused (never read or written) when FINAL: the kernel then stores to grad_bias.
     partials = (
-        grad_bias if final
+        grad_bias
+        if final
         else torch.empty((splits, hidden_size), dtype=torch.float32, device=device)
     )
     columns = KernelLaunch(

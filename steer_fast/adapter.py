@@ -199,9 +199,7 @@ class SteeringVector(nn.Module):
 Steering = PostBlockAdapter | SteeringVector
 
 
-def make_steering(
-    config: SteerConfig, device: torch.device | None, dtype: torch.dtype
-) -> Steering:
+def make_steering(config: SteerConfig, device: torch.device | None, dtype: torch.dtype) -> Steering:
     """A new steering module for one site of one layer, as ``config`` describes (hidden_size
     filled in)."""
     if config.rank == 0:

@@ -201,20 +201,25 @@ class SteeredBlock(nn.Module):
         if adapter_name not in self.steer_adapters:
             return {}
         modules = self.steer_adapters[adapter_name]
-        return {site: modules[adapter_attribute(site)] for site in SITE_ORDER
-                if adapter_attribute(site) in modules}
+        return {
+            site: modules[adapter_attribute(site)]
+            for site in SITE_ORDER
+            if adapter_attribute(site) in modules
+        }
 
     def adapter_names(self) -> list[str]:
         """The names of the adapters that steer this layer, the default first."""
         names = [DEFAULT_ADAPTER_NAME] if self.sites else []
         return names + list(self.steer_adapters)
 
-    def add_named_adapter(self, adapter_name: str, adapters: dict[str, Steering],
-                          branch_ends: dict[str, str]) -> None:
+    def add_named_adapter(
+        self, adapter_name: str, adapters: dict[str, Steering], branch_ends: dict[str, str]
+    ) -> None:
         """Add adapter ``adapter_name`` (site -> module) besides the default; ``branch_ends``
         names the branch modules of its branch sites (plain path; checked by the caller)."""
         self.steer_adapters[adapter_name] = nn.ModuleDict(
-            {adapter_attribute(site): module for site, module in adapters.items()})
+            {adapter_attribute(site): module for site, module in adapters.items()}
+        )
         attached = self._attached
         self.detach()
         self._branch_ends.update(branch_ends)
@@ -299,13 +304,16 @@ class SteeredBlock(nn.Module):
         """Site -> how this call steers it: the active adapter's module on every row, or, in a
         mixed batch, each row's own adapter."""
         if routing is None:
-            return {site: _single_steerer(adapter, site)
-                    for site, adapter in self.adapters(self.active_adapter).items()}
+            return {
+                site: _single_steerer(adapter, site)
+                for site, adapter in self.adapters(self.active_adapter).items()
+            }
         steerers = {}
         by_name = {name: self.adapters(name) for name in self.adapter_names()}
         for site in SITE_ORDER:
-            members = {name: adapters[site] for name, adapters in by_name.items()
-                       if site in adapters}
+            members = {
+                name: adapters[site] for name, adapters in by_name.items() if site in adapters
+            }
             if members:
                 steerers[site] = mixed_site_steerer(routing, site, members, self._stack_cache)
         return steerers

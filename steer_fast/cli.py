@@ -43,20 +43,28 @@ def _json_object(text: str) -> dict:
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], object]:
     """An argparse type from a function that raises ValueError with its own message."""
+
     def check(text: str) -> object:
         try:
             return parse(text)
         except ValueError as error:
             raise argparse.ArgumentTypeError(str(error)) from error
+
     return check
 
 
 # The argparse arguments of an option, by its type.
-_TYPES = {"int": {"type": int}, "dict": {"type": _json_object, "metavar": "JSON"},
-          "Sequence[str]": {"nargs": "+"}, "Sequence[int]": {"nargs": "+"}}
+_TYPES = {
+    "int": {"type": int},
+    "dict": {"type": _json_object, "metavar": "JSON"},
+    "Sequence[str]": {"nargs": "+"},
+    "Sequence[int]": {"nargs": "+"},
+}
 # Switches of the command line itself, not options of a run, by the option they follow.
-_SWITCHES = {"interleave": ("--list", "list presets and methods, then exit"),
-             "plots": ("--no-progress", "no plan, estimate or progress bar on stderr")}
+_SWITCHES = {
+    "interleave": ("--list", "list presets and methods, then exit"),
+    "plots": ("--no-progress", "no plan, estimate or progress bar on stderr"),
+}
 
 
 OPTIONS = [f for f in dataclasses.fields(BenchmarkOptions) if "help" in f.metadata]
@@ -71,12 +79,14 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmark post-block steering against LoRA, LoReFT, forward hooks and "
-        "the floor", description="Run the kernel, training-step and inference suites (and, when "
+        "bench",
+        help="benchmark post-block steering against LoRA, LoReFT, forward hooks and the floor",
+        description="Run the kernel, training-step and inference suites (and, when "
         "named, the mixed suite: many adapters in one batch) on a model with random weights, "
         "print markdown tables and write results.json, report.md and PNG plots. It says first "
         "what it will run and about how long it will take.",
-        formatter_class=_HelpFormatter)
+        formatter_class=_HelpFormatter,
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for field in OPTIONS:
         meta, name = field.metadata, field.name.replace("_", "-")
@@ -85,19 +95,31 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         group, switch = groups[meta["group"]], field.default is True
         flag = meta.get("flag") or f"--{'no-' if switch else ''}{name}"
         if isinstance(field.default, bool):  # --quick, or --no-... for a True default
-            group.add_argument(flag, dest=field.name, help=meta["help"],
-                               action="store_false" if switch else "store_true")
+            group.add_argument(
+                flag,
+                dest=field.name,
+                help=meta["help"],
+                action="store_false" if switch else "store_true",
+            )
         else:
             shown = meta["shown"] if field.default is None else field.default
-            arguments = {**_TYPES.get(field.type.removesuffix(" | None"), {}),
-                         **{k: meta[k] for k in ("choices", "metavar") if k in meta}}
+            arguments = {
+                **_TYPES.get(field.type.removesuffix(" | None"), {}),
+                **{k: meta[k] for k in ("choices", "metavar") if k in meta},
+            }
             if "parse" in meta:
                 arguments["type"] = _checked(meta["parse"])
-            group.add_argument(flag, dest=field.name, default=field.default,
-                               help=f"{meta['help']} (default: {shown})", **arguments)
+            group.add_argument(
+                flag,
+                dest=field.name,
+                default=field.default,
+                help=f"{meta['help']} (default: {shown})",
+                **arguments,
+            )
         if field.name in _SWITCHES:
-            group.add_argument(_SWITCHES[field.name][0], action="store_true",
-                               help=_SWITCHES[field.name][1])
+            group.add_argument(
+                _SWITCHES[field.name][0], action="store_true", help=_SWITCHES[field.name][1]
+            )
 
 
 def options_from_args(args: argparse.Namespace, command: str) -> BenchmarkOptions:
@@ -123,8 +145,10 @@ def run_bench(args: argparse.Namespace, command: str) -> int:
     if args.list:
         print("presets:")
         for p in PRESETS.values():
-            print(f"  {p.name:14s} {p.description}; {str(p.dtype)[6:]}, batch {p.batch} x "
-                  f"{p.seq_len}, rank {p.rank}")
+            print(
+                f"  {p.name:14s} {p.description}; {str(p.dtype)[6:]}, batch {p.batch} x "
+                f"{p.seq_len}, rank {p.rank}"
+            )
         for suite, table in METHODS.items():
             print(f"{suite} methods:")
             width = max(18, *(len(name) + 1 for name in table))
@@ -146,16 +170,20 @@ def run_bench(args: argparse.Namespace, command: str) -> int:
 # line as typed, returning the exit status).
 def add_reproduce_parser(commands: argparse._SubParsersAction) -> None:
     reproduce = commands.add_parser(
-        "reproduce", help="train every method on generated tasks with a real pretrained model and "
-        "compare accuracies", description="Train every method on each task with the same data, "
+        "reproduce",
+        help="train every method on generated tasks with a real pretrained model and "
+        "compare accuracies",
+        description="Train every method on each task with the same data, "
         "steps, batch and seed, evaluate by greedy generation, and write results.json, report.md "
-        "and plots (docs/reproduce.md).", formatter_class=_HelpFormatter)
+        "and plots (docs/reproduce.md).",
+        formatter_class=_HelpFormatter,
+    )
     reproduce_cli.add_arguments(reproduce)
 
 
 def run_reproduce(args: argparse.Namespace, command: str) -> int:
     words = shlex.split(command)
-    return reproduce_cli.main(args, words[words.index("reproduce"):])
+    return reproduce_cli.main(args, words[words.index("reproduce") :])
 
 
 COMMANDS = {

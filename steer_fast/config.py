@@ -32,7 +32,7 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16" for torch.bfloat16: the spelling steer_config.json uses."""
+    """ "bfloat16" for torch.bfloat16: the spelling steer_config.json uses."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -57,8 +57,7 @@ def check_format_version(version: object, newest: int, source: str = "the config
     ValueError otherwise. Every saved format of steer_fast carries one."""
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= newest:
         raise ValueError(
-            f"{source} has format_version {version!r}; this version of steer_fast reads "
-            f"1..{newest}"
+            f"{source} has format_version {version!r}; this version of steer_fast reads 1..{newest}"
         )
     return version
 

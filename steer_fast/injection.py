@@ -206,9 +206,12 @@ def _plan_layer(index: int, layer: nn.Module, config: SteerConfig) -> LayerPlan:
     if not config.fuse_residual:
         spec, reason = None, "fuse_residual=False"
     elif "block" not in config.site and config.rank > 0:
-        spec, reason = None, (
-            f"sites {branch_sites} steer branch outputs with a low-rank adapter, which reads the "
-            "branch alone: there is no residual add to fuse"
+        spec, reason = (
+            None,
+            (
+                f"sites {branch_sites} steer branch outputs with a low-rank adapter, which reads "
+                "the branch alone: there is no residual add to fuse"
+            ),
         )
     else:
         spec, reason = check_fused_layer(layer, layer_forward_function(layer))
@@ -262,9 +265,7 @@ class NamedAdapterPlan:
     branch_ends: dict[int, dict[str, str]]
 
 
-def plan_named_adapter(
-    model: nn.Module, layers_name: str, config: SteerConfig
-) -> NamedAdapterPlan:
+def plan_named_adapter(model: nn.Module, layers_name: str, config: SteerConfig) -> NamedAdapterPlan:
     """Validate ``config`` for one more adapter on the steered ``model`` and plan it; changes
     nothing. It may steer other layers and sites than the model's other adapters, and differ in
     rank, activation and scale; it must fit the same base model.
@@ -277,8 +278,10 @@ def plan_named_adapter(
     layers = model.get_submodule(layers_name)
     hidden_size = _hidden_size(model)
     bases = [layer.base_layer if isinstance(layer, SteeredBlock) else layer for layer in layers]
-    for name, value, actual in (("hidden_size", config.hidden_size, hidden_size),
-                                ("num_layers", config.num_layers, len(layers))):
+    for name, value, actual in (
+        ("hidden_size", config.hidden_size, hidden_size),
+        ("num_layers", config.num_layers, len(layers)),
+    ):
         if value is not None and value != actual:
             raise ValueError(
                 f"config: the adapter is for {name}={value}, but the model's is {actual} (an "
@@ -292,8 +295,9 @@ def plan_named_adapter(
             "layers"
         )
     reference = _first_floating(bases[indices[0]])
-    dtype = config.dtype or (reference.dtype if reference is not None
-                             else torch.get_default_dtype())
+    dtype = config.dtype or (
+        reference.dtype if reference is not None else torch.get_default_dtype()
+    )
     for device in {_layer_device(bases[index]) for index in indices}:
         resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
     new_layers, branch_ends = [], {}
@@ -302,9 +306,11 @@ def plan_named_adapter(
         if not isinstance(block, SteeredBlock):
             new_layers.append(_plan_layer(index, block, config))
             continue
-        missing = [site for site in config.site
-                   if site != "block" and block.path == PATH_PLAIN
-                   and site not in block._branch_ends]
+        missing = [
+            site
+            for site in config.site
+            if site != "block" and block.path == PATH_PLAIN and site not in block._branch_ends
+        ]
         if missing:
             ends = branch_end_paths(block.base_layer) or {}
             unknown = [site for site in missing if site not in ends]
@@ -327,8 +333,10 @@ def apply_named_adapter(
     caller sets every block's ``active_adapter``."""
     layers = model.get_submodule(layers_name)
     config = plan.config
-    new_blocks = {layer_plan.index: SteeredBlock(layers[layer_plan.index], {}, layer_plan)
-                  for layer_plan in plan.new_layers}
+    new_blocks = {
+        layer_plan.index: SteeredBlock(layers[layer_plan.index], {}, layer_plan)
+        for layer_plan in plan.new_layers
+    }
     indices = range(len(layers)) if config.layers is None else config.layers
     modules = {}
     for index in indices:
@@ -339,8 +347,9 @@ def apply_named_adapter(
         layers[index] = block
         block.attach()
     for index in indices:
-        layers[index].add_named_adapter(adapter_name, modules[index],
-                                        plan.branch_ends.get(index, {}))
+        layers[index].add_named_adapter(
+            adapter_name, modules[index], plan.branch_ends.get(index, {})
+        )
 
 
 def _layer_device(layer: nn.Module) -> torch.device:

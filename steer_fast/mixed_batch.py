@@ -101,10 +101,14 @@ def stack_adapters(
         downs.append(F.pad(module.down.weight.to(device=device, dtype=dtype), (0, 0, 0, pad)))
         ups.append(F.pad(module.up.weight.to(device=device, dtype=dtype), (0, pad)))
         down_bias, up_bias = module.down.bias, module.up.bias
-        down_biases.append(down_biases[0] if down_bias is None else F.pad(
-            down_bias.to(device=device, dtype=dtype), (0, pad)))
-        up_biases.append(up_biases[0] if up_bias is None else up_bias.to(device=device,
-                                                                          dtype=dtype))
+        down_biases.append(
+            down_biases[0]
+            if down_bias is None
+            else F.pad(down_bias.to(device=device, dtype=dtype), (0, pad))
+        )
+        up_biases.append(
+            up_biases[0] if up_bias is None else up_bias.to(device=device, dtype=dtype)
+        )
     activations = ("identity", *(module.activation for module in members))
     return (
         torch.stack(downs),
@@ -143,29 +147,40 @@ def mixed_site_steerer(
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)
         # Inference tensors (a model built under torch.inference_mode) keep no version counter,
         # so an in-place change could not be told from the cache key: they are restacked.
-        if recording or torch.compiler.is_compiling() or any(p.is_inference()
-                                                             for p in parameters):
+        if recording or torch.compiler.is_compiling() or any(p.is_inference() for p in parameters):
             stacked = stack_adapters(modules, dtype, device)
         else:
             versions = tuple((id(p), p._version) for p in parameters)
-            stacked = _cached(cache, ("stack", site, names, dtype, device, versions),
-                              lambda: stack_adapters(modules, dtype, device))
+            stacked = _cached(
+                cache,
+                ("stack", site, names, dtype, device, versions),
+                lambda: stack_adapters(modules, dtype, device),
+            )
         down, up, down_bias, up_bias, activations = stacked
-        slot_table = _cached(cache, ("slots", site, names, routing.names, device), lambda: (
-            torch.tensor([slot_of.get(name, 0) for name in routing.names], device=device)))
+        slot_table = _cached(
+            cache,
+            ("slots", site, names, routing.names, device),
+            lambda: torch.tensor([slot_of.get(name, 0) for name in routing.names], device=device),
+        )
         slots = slot_table[routing.adapter_ids.to(device)]
         if routing.scales is None:
             scale_values = (0.0, *(float(module.scale) for module in modules))
-            scale_table = _cached(cache, ("scales", site, names, scale_values, device),
-                                  lambda: torch.tensor(scale_values, dtype=torch.float32,
-                                                       device=device))
+            scale_table = _cached(
+                cache,
+                ("scales", site, names, scale_values, device),
+                lambda: torch.tensor(scale_values, dtype=torch.float32, device=device),
+            )
             row_scales = scale_table[slots]
         else:
             row_scales = routing.scales
         # At a branch site a low-rank adapter reads the branch alone: the add follows.
         fuse = site == "block"
         out = multi_adapter_steer(
-            hidden.to(dtype), down, up, down_bias, up_bias,
+            hidden.to(dtype),
+            down,
+            up,
+            down_bias,
+            up_bias,
             # Expanded views: the op flattens them into contiguous [N] tensors itself.
             adapter_index=per_token(slots, hidden),
             scales=per_token(row_scales, hidden),

@@ -94,7 +94,8 @@ class SteerModel(NamedAdapters, SteeringWrapper):
         """The wrapped model's forward; ``adapter_names`` (one per row, "__base__" for none)
         and ``steering_scales`` (one float per row) make it a mixed batch."""
         batch_size, device = self._batch_size(
-            (), {"input_ids": input_ids, "inputs_embeds": inputs_embeds})
+            (), {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+        )
         routing = self._routing(adapter_names, steering_scales, batch_size, device)
         if routing is None:
             return SteeringWrapper.forward(
@@ -137,8 +138,11 @@ class SteerModel(NamedAdapters, SteeringWrapper):
         """Set the steering strength s of adapter ``adapter_name``, or of every adapter
         (0: no steering)."""
         scale = check_scale(scale)
-        names = self.list_adapters() if adapter_name is None else [
-            self._check_loaded("adapter_name", adapter_name)]
+        names = (
+            self.list_adapters()
+            if adapter_name is None
+            else [self._check_loaded("adapter_name", adapter_name)]
+        )
         for name in names:
             for _, _, adapter in self._all_adapters(name):
                 adapter.scale = scale
@@ -181,8 +185,11 @@ class SteerModel(NamedAdapters, SteeringWrapper):
 
     def _saved_state(self) -> dict[str, Any]:
         state = self.steer_config.to_dict()
-        named = [[name, config.to_dict()] for name, config in self.steer_configs.items()
-                 if name != DEFAULT_ADAPTER_NAME]
+        named = [
+            [name, config.to_dict()]
+            for name, config in self.steer_configs.items()
+            if name != DEFAULT_ADAPTER_NAME
+        ]
         if named:
             state[NAMED_ADAPTERS_KEY] = named
         return state

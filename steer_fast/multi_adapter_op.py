@@ -94,13 +94,20 @@ _forward_op = torch.library.custom_op(
 
 @_forward_op.register_fake
 def _forward_fake(
-    hidden, down_weights, up_weights, down_biases, up_biases, residual, adapter_index, scales,
-    activation_ids, backend, path,
+    hidden,
+    down_weights,
+    up_weights,
+    down_biases,
+    up_biases,
+    residual,
+    adapter_index,
+    scales,
+    activation_ids,
+    backend,
+    path,
 ):
     out = hidden.new_empty(hidden.shape)
-    z = hidden.new_empty(
-        (*hidden.shape[:-1], down_weights.shape[1]), dtype=z_dtype(hidden.dtype)
-    )
+    z = hidden.new_empty((*hidden.shape[:-1], down_weights.shape[1]), dtype=z_dtype(hidden.dtype))
     return out, z
 
 
@@ -124,7 +131,14 @@ def _backward_op(
     )
     return tuple(
         backward(
-            grad_out, out, z, down_weights, up_weights, up_biases, adapter_index, scales,
+            grad_out,
+            out,
+            z,
+            down_weights,
+            up_weights,
+            up_biases,
+            adapter_index,
+            scales,
             _names(activation_ids),
         )
     )
@@ -132,8 +146,16 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _backward_fake(
-    grad_out, out, z, down_weights, up_weights, up_biases, adapter_index, scales,
-    activation_ids, backend,
+    grad_out,
+    out,
+    z,
+    down_weights,
+    up_weights,
+    up_biases,
+    adapter_index,
+    scales,
+    activation_ids,
+    backend,
 ):
     n_slots, rank, hidden_size = down_weights.shape
     return (
@@ -147,8 +169,17 @@ def _backward_fake(
 
 def _setup_context(ctx, inputs, output):
     (
-        _, down_weights, up_weights, down_biases, up_biases, residual, adapter_index, scales,
-        activation_ids, backend, _,
+        _,
+        down_weights,
+        up_weights,
+        down_biases,
+        up_biases,
+        residual,
+        adapter_index,
+        scales,
+        activation_ids,
+        backend,
+        _,
     ) = inputs
     out, z = output
     ctx.save_for_backward(out, z, down_weights, up_weights, up_biases, adapter_index, scales)
@@ -163,8 +194,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_z):
     out, z, down_weights, up_weights, up_biases, adapter_index, scales = ctx.saved_tensors
     grad_h, grad_down, grad_up, grad_down_biases, grad_up_biases = _backward_op(
-        grad_out, out, z, down_weights, up_weights, up_biases, adapter_index, scales,
-        ctx.activation_ids, ctx.backend,
+        grad_out,
+        out,
+        z,
+        down_weights,
+        up_weights,
+        up_biases,
+        adapter_index,
+        scales,
+        ctx.activation_ids,
+        ctx.backend,
     )
     return (
         grad_h,
@@ -242,7 +281,13 @@ def multi_adapter_steer(
     check_backend(backend)
     check_path(path)
     n_slots, _ = check_multi_inputs(
-        hidden, down_weights, up_weights, down_biases, up_biases, residual, adapter_index,
+        hidden,
+        down_weights,
+        up_weights,
+        down_biases,
+        up_biases,
+        residual,
+        adapter_index,
         scales,
     )
     names = check_activations(activations, n_slots)
@@ -257,10 +302,17 @@ def multi_adapter_steer(
         else:
             check_index_values(index, n_slots)
     arguments = (
-        hidden, down_weights, up_weights, down_biases, up_biases, residual, index,
+        hidden,
+        down_weights,
+        up_weights,
+        down_biases,
+        up_biases,
+        residual,
+        index,
         scales.reshape(-1).to(torch.float32).contiguous(),
         [activation_id(name) for name in names],
-        backend, path,
+        backend,
+        path,
     )
     if _needs_registered_op(arguments):
         out, _ = _forward_op(*arguments)

@@ -108,8 +108,15 @@ def forward(
         path = choose_path(adapter_index.numel(), n_slots, rank, hidden_size)
     if path == "gather":
         return _gathered_forward(
-            hidden, down_weights, up_weights, down_biases, up_biases, residual, adapter_index,
-            scales, activations,
+            hidden,
+            down_weights,
+            up_weights,
+            down_biases,
+            up_biases,
+            residual,
+            adapter_index,
+            scales,
+            activations,
         )
     h = hidden if residual is None else residual + hidden
     out = h.reshape(-1, hidden_size).clone(memory_format=torch.contiguous_format)
@@ -132,8 +139,9 @@ def _activate_rows(z: torch.Tensor, index: torch.Tensor, activations: Sequence[s
     names = sorted(set(activations[1:])) or ["identity"]
     if len(names) == 1:
         return activate(z, names[0])
-    ids = torch.tensor([names.index(name) if name in names else 0 for name in activations],
-                       device=z.device)[index][:, None]
+    ids = torch.tensor(
+        [names.index(name) if name in names else 0 for name in activations], device=z.device
+    )[index][:, None]
     a = torch.zeros_like(z)
     for position, name in enumerate(names):
         a = torch.where(ids == position, activate(z, name), a)

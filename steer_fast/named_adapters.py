@@ -170,8 +170,11 @@ class NamedAdapters:
             block.active_adapter = self._active_adapter
 
     def _adapter_modules(self, adapter_name: str) -> list[nn.Module]:
-        return [module for block in self._steered_blocks().values()
-                for module in block.adapters(adapter_name).values()]
+        return [
+            module
+            for block in self._steered_blocks().values()
+            for module in block.adapters(adapter_name).values()
+        ]
 
     # --- files -----------------------------------------------------------------------------
 
@@ -215,7 +218,10 @@ class NamedAdapters:
             block.routing = routing
 
     def _routing(
-        self, adapter_names: object, steering_scales: object, batch_size: int | None,
+        self,
+        adapter_names: object,
+        steering_scales: object,
+        batch_size: int | None,
         device: torch.device,
     ) -> RowRouting | None:
         """The RowRouting of a call, every argument checked (ValueError naming it); None when
@@ -277,8 +283,7 @@ def _row_scales(
                 f"steering_scales must be a list of floats or a 1-D tensor, one per row, got "
                 f"{type(steering_scales).__name__}"
             )
-        bad = [v for v in steering_scales
-               if isinstance(v, bool) or not isinstance(v, (int, float))]
+        bad = [v for v in steering_scales if isinstance(v, bool) or not isinstance(v, (int, float))]
         if bad:
             raise ValueError(f"steering_scales must hold numbers, got {bad[:3]}")
         if not all(math.isfinite(v) for v in steering_scales):

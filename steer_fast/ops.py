@@ -253,7 +253,15 @@ def post_block_steer(
     check_inputs(hidden, down_weight, up_weight, down_bias, up_bias, residual)
     backend = resolve_backend(hidden, backend)
     arguments = (
-        hidden, down_weight, up_weight, down_bias, up_bias, residual, activation, scale, backend
+        hidden,
+        down_weight,
+        up_weight,
+        down_bias,
+        up_bias,
+        residual,
+        activation,
+        scale,
+        backend,
     )
     if _needs_registered_op(arguments):
         out, _ = _forward_op(*arguments)

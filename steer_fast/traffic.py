@@ -186,13 +186,27 @@ def measure_post_block_steer(
 
     with TrafficCounter() as forward_traffic:
         result = kernels.post_block_steer_forward(
-            hidden, down_weight, up_weight, down_bias, up_bias, residual,
-            activation=activation, scale=0.5, config=forward_config,
+            hidden,
+            down_weight,
+            up_weight,
+            down_bias,
+            up_bias,
+            residual,
+            activation=activation,
+            scale=0.5,
+            config=forward_config,
         )
     with TrafficCounter() as backward_traffic:
         kernels.post_block_steer_backward(
-            grad_out, result.out, result.z, down_weight, up_weight, up_bias,
-            activation=activation, scale=0.5, config=backward_config,
+            grad_out,
+            result.out,
+            result.z,
+            down_weight,
+            up_weight,
+            up_bias,
+            activation=activation,
+            scale=0.5,
+            config=backward_config,
         )
     element_size = hidden.element_size()
     return SteerTraffic(

@@ -33,14 +33,20 @@ class OpInputs:
 
     def tensors(self) -> list[torch.Tensor | None]:
         return [
-            self.hidden, self.down_weight, self.up_weight,
-            self.down_bias, self.up_bias, self.residual,
+            self.hidden,
+            self.down_weight,
+            self.up_weight,
+            self.down_bias,
+            self.up_bias,
+            self.residual,
         ]
 
     def converted(self, dtype: torch.dtype) -> OpInputs:
         """Detached leaf copies in ``dtype`` that require grad."""
+
         def leaf(t):
             return None if t is None else t.detach().to(dtype).requires_grad_()
+
         return OpInputs(*[leaf(t) for t in self.tensors()])
 
 
@@ -73,8 +79,13 @@ def make_inputs(
 def run_op(fn, inputs: OpInputs, grad_out: torch.Tensor, **kwargs):
     """Forward ``fn`` on ``inputs``, backward with ``grad_out``; (out, [grads or None])."""
     out = fn(
-        inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias, inputs.up_bias,
-        residual=inputs.residual, **kwargs,
+        inputs.hidden,
+        inputs.down_weight,
+        inputs.up_weight,
+        inputs.down_bias,
+        inputs.up_bias,
+        residual=inputs.residual,
+        **kwargs,
     )
     out.backward(grad_out)
     grads = [None if t is None else t.grad for t in inputs.tensors()]
@@ -84,8 +95,11 @@ def run_op(fn, inputs: OpInputs, grad_out: torch.Tensor, **kwargs):
 def run_reference(inputs: OpInputs, grad_out: torch.Tensor, activation: str, scale: float):
     """The fp64 eager reference on the same (possibly low-precision) input values."""
     return run_op(
-        reference_post_block_steer, inputs.converted(torch.float64), grad_out.double(),
-        activation=activation, scale=scale,
+        reference_post_block_steer,
+        inputs.converted(torch.float64),
+        grad_out.double(),
+        activation=activation,
+        scale=scale,
     )
 
 

@@ -36,10 +36,29 @@ from steer_fast.benchmark.report import render_report
 from steer_fast.cli import main
 
 REQUIRED_FIELDS = (
-    "suite", "method", "model", "device", "dtype", "batch", "seq_len", "rank", "ms", "ms_min",
-    "ms_max", "tokens_per_s", "peak_mem_bytes", "trainable_params", "torch_version",
-    "triton_version", "transformers_version", "status", "reason", "timestamp", "host",
-    "device_name", "command",
+    "suite",
+    "method",
+    "model",
+    "device",
+    "dtype",
+    "batch",
+    "seq_len",
+    "rank",
+    "ms",
+    "ms_min",
+    "ms_max",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "trainable_params",
+    "torch_version",
+    "triton_version",
+    "transformers_version",
+    "status",
+    "reason",
+    "timestamp",
+    "host",
+    "device_name",
+    "command",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,9 +66,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run"
-    code = main(["bench", "--preset", "tiny", "--quick", "--warmup", "1", "--repeats", "2",
-                 "--kernel-tokens", "64", "--kernel-hidden", "32", "--out", str(out),
-                 "--no-progress"])
+    code = main(
+        [
+            "bench",
+            "--preset",
+            "tiny",
+            "--quick",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--kernel-tokens",
+            "64",
+            "--kernel-hidden",
+            "32",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     with open(out / "results.json", encoding="utf-8") as handle:
         rows = json.load(handle)
@@ -66,8 +101,14 @@ def test_run_writes_json_markdown_and_plots(tiny_run):
     for name in ("training.png", "inference.png", "kernel.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
     report = (out / "report.md").read_text(encoding="utf-8")
-    for heading in ("## Headline", "## Training step", "## Inference", "## Kernel",
-                    "### forward", "### forward+backward"):
+    for heading in (
+        "## Headline",
+        "## Training step",
+        "## Inference",
+        "## Kernel",
+        "### forward",
+        "### forward+backward",
+    ):
         assert heading in report
     for method in TRAINING_METHODS.values():
         assert method.label in report
@@ -108,11 +149,13 @@ def test_model_rows_that_ran_measured_memory(tiny_run):
 
 def test_steer_fast_rows_name_the_backend_they_ran(tiny_run):
     _, rows = tiny_run
-    for row in _rows(rows, "training", "steer_fast_torch") + _rows(rows, "inference",
-                                                                     "steer_fast_torch"):
+    for row in _rows(rows, "training", "steer_fast_torch") + _rows(
+        rows, "inference", "steer_fast_torch"
+    ):
         assert row["status"] == "ok" and row["backend"] == "torch", row
-    fused = _rows(rows, "training", "steer_fast_fused") + _rows(rows, "inference",
-                                                                 "steer_fast_fused")
+    fused = _rows(rows, "training", "steer_fast_fused") + _rows(
+        rows, "inference", "steer_fast_fused"
+    )
     for row in fused + _rows(rows, "kernel", "steer_fast_fused"):
         if torch.cuda.is_available():
             assert row["status"] == "ok", row
@@ -125,8 +168,11 @@ def test_trainable_parameter_counts(tiny_run):
     sizes = PRESETS["tiny"].sizes
     d, layers, r = sizes["hidden_size"], sizes["num_hidden_layers"], PRESETS["tiny"].rank
     kv = d // sizes["num_attention_heads"] * sizes["num_key_value_heads"]
-    counts = {r_["method"]: r_["trainable_params"] for r_ in _rows(rows, "training")
-              if r_["status"] == "ok"}
+    counts = {
+        r_["method"]: r_["trainable_params"]
+        for r_ in _rows(rows, "training")
+        if r_["status"] == "ok"
+    }
     assert counts["steer_fast_torch"] == layers * 2 * d * r  # the published form: no biases
     assert counts["hooks_eager"] == counts["steer_fast_torch"]
     assert counts["lora_qv"] == layers * (r * (d + d) + r * (d + kv))
@@ -182,8 +228,7 @@ def test_forward_hooks_match_steer_fast_exactly(activation):
 
 
 def test_decoding_raises_no_deprecation_warning(tmp_path):
-    settings = BenchmarkSettings.create(preset="tiny", quick=True, out=tmp_path / "o",
-                                        plots=False)
+    settings = BenchmarkSettings.create(preset="tiny", quick=True, out=tmp_path / "o", plots=False)
     ctx = RunContext(settings, {})
     for method in ("base", "steer_fast_torch", "hooks_eager", "lora_unmerged"):
         candidate = INFERENCE_METHODS[method].setup(_tiny_context())
@@ -196,10 +241,26 @@ def test_decoding_raises_no_deprecation_warning(tmp_path):
 
 
 def _record(method, label, ms, suite="training", **fields):
-    return BenchmarkRecord(suite=suite, method=method, label=label, model="m", device="cpu",
-                           device_name="CPU", dtype="float32", batch=1, seq_len=8, rank=4,
-                           activation="silu", ms=ms, ms_min=ms, ms_max=ms, ms_p25=ms, ms_p75=ms,
-                           noisy=False, **fields)
+    return BenchmarkRecord(
+        suite=suite,
+        method=method,
+        label=label,
+        model="m",
+        device="cpu",
+        device_name="CPU",
+        dtype="float32",
+        batch=1,
+        seq_len=8,
+        rank=4,
+        activation="silu",
+        ms=ms,
+        ms_min=ms,
+        ms_max=ms,
+        ms_p25=ms,
+        ms_p75=ms,
+        noisy=False,
+        **fields,
+    )
 
 
 def _noisy(record, reason="IQR 45% of the median"):
@@ -208,8 +269,13 @@ def _noisy(record, reason="IQR 45% of the median"):
 
 def test_report_opens_with_warnings_and_says_the_result():
     records = [
-        _record("steer_fast_fused", "fused", None, status="skipped",
-                reason="the fused Triton kernels need CUDA; on the CPU ..."),
+        _record(
+            "steer_fast_fused",
+            "fused",
+            None,
+            status="skipped",
+            reason="the fused Triton kernels need CUDA; on the CPU ...",
+        ),
         _record("steer_fast_torch", "steer_fast torch path", 2073.0),
         _record("hooks_eager", "forward hooks", 2027.0),
         _noisy(_record("lora_qv", "PEFT LoRA q,v", 3000.0)),
@@ -220,11 +286,15 @@ def test_report_opens_with_warnings_and_says_the_result():
     assert lines[2] == "> **Warning:** the machine was busy: the load average was 3.1."
     assert lines[4].startswith("> **Warning:** 1 of 4 timing cells are noisy (1 training)")
     assert lines.index("- a note") > 4
-    assert ("- steer_fast torch path takes 1.02x the time of forward hooks per training step "
-            "(2073 vs 2027 ms): on par.") in lines
-    assert ("- steer_fast torch path takes 0.69x the time of PEFT LoRA q,v per training step "
-            "(2073 vs 3000 ms): 31% faster; but PEFT LoRA q,v is noisy, so this comparison is "
-            "not reliable.") in lines
+    assert (
+        "- steer_fast torch path takes 1.02x the time of forward hooks per training step "
+        "(2073 vs 2027 ms): on par."
+    ) in lines
+    assert (
+        "- steer_fast torch path takes 0.69x the time of PEFT LoRA q,v per training step "
+        "(2073 vs 3000 ms): 31% faster; but PEFT LoRA q,v is noisy, so this comparison is "
+        "not reliable."
+    ) in lines
     assert "- steer_fast torch path takes 0.83x the time of floor per training step" in report
     assert "- fused did not run here (skipped: the fused Triton kernels need CUDA)" in report
     assert "| fused | skipped: the fused Triton kernels need CUDA | -" in report
@@ -236,17 +306,40 @@ def test_report_opens_with_warnings_and_says_the_result():
 
 def test_plots_mark_noise_and_name_every_kernel_point(tmp_path):
     kernel = [
-        _record(method, label, ms, suite="kernel", pass_=pass_, tokens=64, hidden_size=32,
-                residual=False, roofline_pct=50.0 / ms, min_bytes=1000)
+        _record(
+            method,
+            label,
+            ms,
+            suite="kernel",
+            pass_=pass_,
+            tokens=64,
+            hidden_size=32,
+            residual=False,
+            roofline_pct=50.0 / ms,
+            min_bytes=1000,
+        )
         for method, label in (("steer_fast_torch", "torch path"), ("eager", "eager"))
         for pass_, ms in (("forward", 0.5), ("forward+backward", 1.5))
     ]
-    kernel.append(_record("steer_fast_fused", "fused", None, suite="kernel", pass_="forward",
-                          tokens=64, hidden_size=32, residual=False, status="skipped",
-                          reason="needs CUDA"))
-    training = [_record("floor", "floor", 12.0, peak_mem_bytes=2**20),
-                _noisy(_record("lora_qv", "LoRA", 14.0, peak_mem_bytes=2**20)),
-                _record("fused", "fused", None, status="skipped", reason="needs CUDA")]
+    kernel.append(
+        _record(
+            "steer_fast_fused",
+            "fused",
+            None,
+            suite="kernel",
+            pass_="forward",
+            tokens=64,
+            hidden_size=32,
+            residual=False,
+            status="skipped",
+            reason="needs CUDA",
+        )
+    )
+    training = [
+        _record("floor", "floor", 12.0, peak_mem_bytes=2**20),
+        _noisy(_record("lora_qv", "LoRA", 14.0, peak_mem_bytes=2**20)),
+        _record("fused", "fused", None, status="skipped", reason="needs CUDA"),
+    ]
     kernel[0] = _noisy(kernel[0])
     files = write_plots(training + kernel, tmp_path)
     assert [f.name for f in files] == ["training.png", "kernel.png"]
@@ -280,17 +373,22 @@ def extra_training_methods():
 
 
 def _run_training(tmp_path, methods, interleave):
-    settings = BenchmarkSettings.create(preset="tiny", quick=True, suites=["training"],
-                                        methods=methods, warmup=1, repeats=2,
-                                        interleave=interleave, out=tmp_path / "out",
-                                        plots=False)
+    settings = BenchmarkSettings.create(
+        preset="tiny",
+        quick=True,
+        suites=["training"],
+        methods=methods,
+        warmup=1,
+        repeats=2,
+        interleave=interleave,
+        out=tmp_path / "out",
+        plots=False,
+    )
     return {r.method: r for r in run_benchmarks(settings, progress=False).records}
 
 
 @pytest.mark.parametrize("interleave", [True, False], ids=["interleaved", "one-by-one"])
-def test_a_method_that_fails_gets_a_row_that_says_why(
-    tmp_path, extra_training_methods, interleave
-):
+def test_a_method_that_fails_gets_a_row_that_says_why(tmp_path, extra_training_methods, interleave):
     def raises(ctx):
         raise RuntimeError("adapter could not be attached")
 

@@ -16,15 +16,55 @@ from steer_fast.cli import build_parser, main
 
 
 def test_parser_reads_every_option():
-    args = build_parser().parse_args([
-        "bench", "--suites", "training", "inference", "--methods", "lora_qv,floor",
-        "--preset", "tiny", "--config", "MistralConfig", "--config-kwargs",
-        '{"num_hidden_layers": 3}', "--dtype", "bfloat16", "--device", "cpu", "--batch", "3",
-        "--seq-len", "24", "--rank", "8", "--activation", "silu", "--decode-tokens", "5",
-        "--kernel-tokens", "64,128", "--kernel-hidden", "32", "--seed", "7", "--quick",
-        "--warmup", "2", "--repeats", "4", "--threads", "1", "--full",
-        "--out", "somewhere", "--overwrite", "--no-plots", "--no-progress",
-    ])
+    args = build_parser().parse_args(
+        [
+            "bench",
+            "--suites",
+            "training",
+            "inference",
+            "--methods",
+            "lora_qv,floor",
+            "--preset",
+            "tiny",
+            "--config",
+            "MistralConfig",
+            "--config-kwargs",
+            '{"num_hidden_layers": 3}',
+            "--dtype",
+            "bfloat16",
+            "--device",
+            "cpu",
+            "--batch",
+            "3",
+            "--seq-len",
+            "24",
+            "--rank",
+            "8",
+            "--activation",
+            "silu",
+            "--decode-tokens",
+            "5",
+            "--kernel-tokens",
+            "64,128",
+            "--kernel-hidden",
+            "32",
+            "--seed",
+            "7",
+            "--quick",
+            "--warmup",
+            "2",
+            "--repeats",
+            "4",
+            "--threads",
+            "1",
+            "--full",
+            "--out",
+            "somewhere",
+            "--overwrite",
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     assert args.command == "bench"
     assert args.suites == ["training", "inference"] and args.methods == ["lora_qv,floor"]
     assert args.config_kwargs == {"num_hidden_layers": 3}
@@ -56,14 +96,22 @@ def test_parser_rejects_bad_json_and_choices():
 
 def test_settings_resolve_from_options(tmp_path):
     settings = BenchmarkSettings.create(
-        preset="tiny", config="MistralConfig", config_kwargs={"num_hidden_layers": 3},
-        suites=["kernel", "training"], rank=8, activation="silu", dtype="bfloat16",
-        kernel_tokens=[64, 128], out=tmp_path / "run", device="cpu",
+        preset="tiny",
+        config="MistralConfig",
+        config_kwargs={"num_hidden_layers": 3},
+        suites=["kernel", "training"],
+        rank=8,
+        activation="silu",
+        dtype="bfloat16",
+        kernel_tokens=[64, 128],
+        out=tmp_path / "run",
+        device="cpu",
     )
     config = settings.spec.config
     assert type(config).__name__ == "MistralConfig"
-    assert config.num_hidden_layers == 3 and config.hidden_size == PRESETS["tiny"].sizes[
-        "hidden_size"]
+    assert (
+        config.num_hidden_layers == 3 and config.hidden_size == PRESETS["tiny"].sizes["hidden_size"]
+    )
     assert settings.spec.dtype == torch.bfloat16 and settings.rank == 8
     assert settings.suites == ("kernel", "training")
     grid = settings.kernel_grid
@@ -91,7 +139,9 @@ def test_config_from_a_local_json_file(tmp_path):
     config_file.write_text(
         '{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, '
         '"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, '
-        '"vocab_size": 100}', encoding="utf-8")
+        '"vocab_size": 100}',
+        encoding="utf-8",
+    )
     settings = BenchmarkSettings.create(config=str(tmp_path), preset="tiny", out=tmp_path / "o")
     assert type(settings.spec.config).__name__ == "Qwen2Config"
     assert settings.spec.vocab_size == 100
@@ -142,27 +192,55 @@ def test_default_out_never_reuses_a_folder(tmp_path, monkeypatch):
 def test_the_recorded_command_is_the_one_typed(monkeypatch):
     assert invoked_as(["bench", "--quick"], program="steer-fast") == "steer-fast bench --quick"
     assert invoked_as(["bench", "--config-kwargs", '{"a": 1}'], program="steer-fast") == (
-        "steer-fast bench --config-kwargs '{\"a\": 1}'")
+        "steer-fast bench --config-kwargs '{\"a\": 1}'"
+    )
     monkeypatch.setattr(sys, "argv", ["/venv/bin/steer-fast", "bench", "--full"])
     assert invoked_as() == "steer-fast bench --full"
 
 
 def test_module_form_records_python_m(tmp_path):
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "steer_fast", "bench", "--preset", "tiny", "--quick",
-                    "--suites", "training", "--methods", "floor", "--repeats", "1", "--out",
-                    str(out), "--no-plots", "--no-progress"],
-                   capture_output=True, text=True, check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "steer_fast",
+            "bench",
+            "--preset",
+            "tiny",
+            "--quick",
+            "--suites",
+            "training",
+            "--methods",
+            "floor",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+            "--no-plots",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
     interpreter = Path(sys.executable).name
-    assert rows[0]["command"] == (f"{interpreter} -m steer_fast bench --preset tiny --quick "
-                                  f"--suites training --methods floor --repeats 1 --out {out} "
-                                  "--no-plots --no-progress")
+    assert rows[0]["command"] == (
+        f"{interpreter} -m steer_fast bench --preset tiny --quick "
+        f"--suites training --methods floor --repeats 1 --out {out} "
+        "--no-plots --no-progress"
+    )
 
 
 def test_module_form_lists_presets_and_methods():
-    done = subprocess.run([sys.executable, "-m", "steer_fast", "bench", "--list"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "steer_fast", "bench", "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for name in ("cpu-small", "llama-3.2-1b", "steer_fast_fused", "loreft", "floor", "eager"):
         assert name in done.stdout
 

@@ -36,8 +36,9 @@ def test_measure_runs_warmups_then_planned_repeats():
         prepared.append(len(prepared))
         return prepared[-1]
 
-    timing = measure(calls.append, CPU, TimingPlan(warmup=2, min_repeats=4, max_repeats=4),
-                     setup=setup)
+    timing = measure(
+        calls.append, CPU, TimingPlan(warmup=2, min_repeats=4, max_repeats=4), setup=setup
+    )
     assert calls == prepared == list(range(6))  # every timed call got its own fresh setup
     assert (timing.warmup, timing.repeats) == (2, 4)
     assert 0 <= timing.min_ms <= timing.median_ms <= timing.max_ms
@@ -57,7 +58,8 @@ def test_interleaved_rounds_rotate_and_isolate_a_failing_call():
     plan = TimingPlan(warmup=1, min_repeats=3, max_repeats=3)
     results = measure_interleaved(
         {"a": Call(recorder("a")), "b": Call(recorder("b")), "c": Call(fails_on_third_call)},
-        CPU, plan,
+        CPU,
+        plan,
     )
     assert order[:2] == ["a", "b"]  # one warm-up each
     assert order[2:] == ["a", "b", "b", "a", "a", "b"]  # rounds start one further each time
@@ -70,8 +72,9 @@ def test_interleaved_rounds_rotate_and_isolate_a_failing_call():
 def test_rounds_report_the_time_they_still_need():
     reported = []
     plan = TimingPlan(warmup=1, min_repeats=4, max_repeats=4)
-    measure_interleaved({"a": Call(lambda: None), "b": Call(lambda: None)}, CPU, plan,
-                        on_round=reported.append)
+    measure_interleaved(
+        {"a": Call(lambda: None), "b": Call(lambda: None)}, CPU, plan, on_round=reported.append
+    )
     assert len(reported) == 5  # before the first round, then after each of the four
     assert reported[-1] == 0.0 and all(seconds >= 0 for seconds in reported)
 
@@ -116,7 +119,8 @@ def test_repeats_on_scheduler_time_slices_are_noisy():
     samples = [32.02, 31.97, 32.05, 40.01, 31.99, 32.03, 32.0, 39.98, 32.01, 31.96]
     spread = spread_of(samples)
     assert spread.noisy and spread.noise_reason == (
-        "repeats on multiples of 8 ms (scheduler time slices)")
+        "repeats on multiples of 8 ms (scheduler time slices)"
+    )
     assert spread.iqr_ratio < 0.2  # no other rule fires
     # A quiet cell near a multiple, jittering by more than the tolerance, is not quantised.
     assert not spread_of(_jitter(32.0, 10, seed=5, relative=0.03)).noisy
@@ -172,8 +176,8 @@ def test_repeats_fill_the_budget_within_bounds():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(warmup=0), dict(min_repeats=0), dict(min_repeats=5, max_repeats=4),
-               dict(budget_s=0.0)]
+    "kwargs",
+    [dict(warmup=0), dict(min_repeats=0), dict(min_repeats=5, max_repeats=4), dict(budget_s=0.0)],
 )
 def test_timing_plan_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):

@@ -39,8 +39,9 @@ def test_every_option_has_help_and_its_default_on_the_command_line(capsys):
 def test_command_line_maps_onto_the_options():
     argv = ["bench", "--suites", "kernel,training", "--no-plots", "--no-interleave",
             "--kernel-hidden", "32", "64", "--kernel-tokens", "16,8", "--rank", "4"]  # fmt: skip
-    options = options_from_args(build_parser().parse_args(argv),
-                                invoked_as(argv, program="steer-fast"))
+    options = options_from_args(
+        build_parser().parse_args(argv), invoked_as(argv, program="steer-fast")
+    )
     assert options.suites == ["kernel", "training"]
     assert options.plots is False and options.interleave is False and options.quick is False
     assert options.kernel_hidden_sizes == [32, 64] and options.kernel_tokens == [16, 8]

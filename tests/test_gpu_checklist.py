@@ -20,8 +20,11 @@ def run_checklist(tmp_path, steps, budget_s):
     # The script calls `python`: the interpreter running the tests.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     done = subprocess.run(
-        ["bash", str(SCRIPT), str(tmp_path), str(budget_s)], env=env, capture_output=True,
-        text=True, timeout=120,
+        ["bash", str(SCRIPT), str(tmp_path), str(budget_s)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     return (tmp_path / "summary.md").read_text()

@@ -71,16 +71,26 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, str(BENCH / "compile_check.py"), "--json"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in records} == KERNELS
     assert {r["op"] for r in records} == {
-        "post_block_steer", "steering_vector", "multi_adapter_steer"
+        "post_block_steer",
+        "steering_vector",
+        "multi_adapter_steer",
     }
     assert {r["activation"] for r in records} >= {
-        "identity", "relu", "silu", "gelu", "gelu_tanh", "tanh"
+        "identity",
+        "relu",
+        "silu",
+        "gelu",
+        "gelu_tanh",
+        "tanh",
     }
     for record in records:
         assert record["registers"] <= 255

@@ -31,8 +31,6 @@ def test_real_size_3d_fused_residual():
     """A Llama-3.2-1B-shaped block output: [4, 4096, 2048] bf16 with the residual fused."""
     inputs = make_inputs((4, 4096, 2048), 8, dtype=torch.bfloat16, device="cuda")
     grad_out = torch.randn(4, 4096, 2048, device="cuda").to(torch.bfloat16)
-    out, grads = run_op(
-        post_block_steer, inputs, grad_out, activation="identity", backend="triton"
-    )
+    out, grads = run_op(post_block_steer, inputs, grad_out, activation="identity", backend="triton")
     reference = run_reference(inputs, grad_out, "identity", 1.0)
     assert_matches_reference(out, grads, *reference, TOLERANCES[torch.bfloat16])

@@ -430,8 +430,11 @@ def test_the_submodule_variant_constrains_the_mlp_adapter():
 
 @pytest.mark.parametrize(
     "steer_overrides, match",
-    [({"rank": 0}, "rank=0"), ({"rank": 0, "site": ["attn", "mlp"]}, "rank=0"),
-     ({"site": "attn"}, "site")],
+    [
+        ({"rank": 0}, "rank=0"),
+        ({"rank": 0, "site": ["attn", "mlp"]}, "rank=0"),
+        ({"site": "attn"}, "site"),
+    ],
 )
 @pytest.mark.parametrize("constraint", ["down_projection", "up_projection"])
 def test_a_constraint_without_an_adapter_to_act_on_is_an_error(steer_overrides, match, constraint):

@@ -264,17 +264,31 @@ def test_decoder_layers_are_found(family):
 
 def test_a_vision_language_model_steers_its_language_model():
     text = dict(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
         sliding_window=4,
     )
     vision = dict(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=28, patch_size=14,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
     )
     gemma3 = transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4,
-        image_token_index=299, boi_token_index=297, eoi_token_index=298,
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=299,
+        boi_token_index=297,
+        eoi_token_index=298,
     )
     torch.manual_seed(0)
     base = transformers.Gemma3ForConditionalGeneration(gemma3).eval()
@@ -319,8 +333,13 @@ def add_reference_steering_on(layer, adapter):
 
     def hook(module, args, output):
         steered = reference_post_block_steer(
-            output[0], adapter.down.weight, adapter.up.weight, adapter.down.bias,
-            adapter.up.bias, activation=adapter.activation, scale=adapter.scale,
+            output[0],
+            adapter.down.weight,
+            adapter.up.weight,
+            adapter.down.bias,
+            adapter.up.bias,
+            activation=adapter.activation,
+            scale=adapter.scale,
         )
         return (steered, *output[1:])
 
@@ -385,8 +404,14 @@ def test_published_defaults_on_a_llama_3_2_1b_shaped_model(capsys):
     """The paper's budget: rank 8, no biases, after each of the 16 blocks of a 2048-wide model:
     16 x 2 x 8 x 2048 = 524,288 trainable parameters, 0.042% (the paper's 0.04%)."""
     llama_1b = transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
     )
     with torch.device("meta"):  # shapes only: nothing is allocated
         base = transformers.AutoModelForCausalLM.from_config(llama_1b)

@@ -83,9 +83,18 @@ def test_a_format_1_file_keeps_its_meaning():
     """Files written before sites, rank 0 and the init option: every field was saved, so the
     new defaults do not change them."""
     values = {
-        "activation": "identity", "backend": "auto", "bias": True, "dtype": None,
-        "format_version": 1, "fuse_residual": True, "hidden_size": 32, "layers": None,
-        "num_layers": 2, "rank": 8, "scale": 1.0, "steer_type": "post_block",
+        "activation": "identity",
+        "backend": "auto",
+        "bias": True,
+        "dtype": None,
+        "format_version": 1,
+        "fuse_residual": True,
+        "hidden_size": 32,
+        "layers": None,
+        "num_layers": 2,
+        "rank": 8,
+        "scale": 1.0,
+        "steer_type": "post_block",
     }
     config = SteerConfig.from_dict(values)
     assert (config.activation, config.bias, config.site) == ("identity", True, ("block",))
@@ -101,8 +110,16 @@ def test_values_are_normalised():
 
 def test_json_round_trip_has_sorted_keys_and_every_field(tmp_path):
     config = SteerConfig(
-        rank=3, activation="gelu_tanh", bias=False, scale=-0.5, layers=[2, 0],
-        fuse_residual=False, dtype=torch.bfloat16, backend="torch", hidden_size=64, num_layers=4,
+        rank=3,
+        activation="gelu_tanh",
+        bias=False,
+        scale=-0.5,
+        layers=[2, 0],
+        fuse_residual=False,
+        dtype=torch.bfloat16,
+        backend="torch",
+        hidden_size=64,
+        num_layers=4,
     )
     text = config.to_json_string()
     values = json.loads(text)

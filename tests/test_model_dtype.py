@@ -44,8 +44,13 @@ def test_mixed_dtypes_run_in_the_promoted_dtype_of_hidden_and_residual():
     out = steer_hidden_states(adapter, hidden, residual)
     assert out.dtype == torch.float32
     expected = reference_post_block_steer(
-        hidden.float(), adapter.down.weight, adapter.up.weight, adapter.down.bias,
-        adapter.up.bias, activation="tanh", residual=residual,
+        hidden.float(),
+        adapter.down.weight,
+        adapter.up.weight,
+        adapter.down.bias,
+        adapter.up.bias,
+        activation="tanh",
+        residual=residual,
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # No residual: the hidden states' dtype wins; the weight cast is differentiable.

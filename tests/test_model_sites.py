@@ -162,8 +162,12 @@ def test_greedy_generation_with_the_cache_equals_the_reference(family, site, ran
     mask = torch.ones_like(prompts)
     prompts[1, :2], mask[1, :2] = PAD_TOKEN_ID, 0  # left padding
     settings = dict(
-        attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
-        use_cache=True, pad_token_id=PAD_TOKEN_ID,
+        attention_mask=mask,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=PAD_TOKEN_ID,
     )
     tokens = model.generate(prompts, **settings)
     assert torch.equal(tokens, reference.generate(prompts, **settings))
@@ -235,8 +239,13 @@ def test_trainer_checkpoints_load_for_every_site(site, rank, tmp_path):
     model = get_steer_model(tiny_causal_lm("llama"), config(site, rank))
     before = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-2, report_to=[], use_cpu=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
     )
     transformers.Trainer(model=model, args=arguments, train_dataset=TokenDataset()).train()
     trained = dict(model.named_parameters())

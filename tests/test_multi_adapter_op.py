@@ -28,7 +28,15 @@ PATH_IDS = ["torch-gather", "torch-grouped", "gather", "grouped"]
 
 
 def reference(
-    hidden, down, up, down_bias=None, up_bias=None, *, residual=None, adapter_index, scales,
+    hidden,
+    down,
+    up,
+    down_bias=None,
+    up_bias=None,
+    *,
+    residual=None,
+    adapter_index,
+    scales,
     activations,
 ):
     """out_n = h_n for slot 0, else h_n + s_n (U_a phi_a(D_a h_n + bd_a) + bu_a): a row loop."""
@@ -51,7 +59,13 @@ def reference(
 
 
 def make_inputs(
-    shape, ranks, *, down_bias=True, up_bias=True, residual=True, dtype=torch.float32,
+    shape,
+    ranks,
+    *,
+    down_bias=True,
+    up_bias=True,
+    residual=True,
+    dtype=torch.float32,
     device="cpu",
 ) -> OpInputs:
     """Stacked adapters of the given ranks (slot 0 included: it must be ignored), zero-padded
@@ -67,7 +81,10 @@ def make_inputs(
         up[slot, :, :r] = randn(hidden_size, r, scale=r**-0.5)
         down_b[slot, :r] = randn(r, scale=0.5)
     tensors = [
-        randn(*shape), down, up, down_b if down_bias else None,
+        randn(*shape),
+        down,
+        up,
+        down_b if down_bias else None,
         randn(n_slots, hidden_size, scale=0.5) if up_bias else None,
         randn(*shape) if residual else None,
     ]
@@ -94,8 +111,9 @@ def check_case(inputs, adapter_index, scales, activations, backend, path, rel, g
     if grad_out is None:
         grad_out = torch.randn(hidden.shape, dtype=torch.float64).to(hidden)
     routing = dict(adapter_index=adapter_index, scales=scales, activations=activations)
-    out, grads = run_op(multi_adapter_steer, inputs, grad_out, backend=backend, path=path,
-                        **routing)
+    out, grads = run_op(
+        multi_adapter_steer, inputs, grad_out, backend=backend, path=path, **routing
+    )
     assert out.shape == hidden.shape and out.dtype == hidden.dtype and out.is_contiguous()
     ref_inputs = inputs.converted(torch.float64)
     ref_out, ref_grads = run_op(reference, ref_inputs, grad_out.double(), **routing)
@@ -135,8 +153,9 @@ def _case(name: str, device):
         index = torch.randint(0, 5, (37,), dtype=torch.int32)
         return inputs, index, MIXED
     if name == "3d_plain":  # 3-D, no biases, no residual, one phi, -0.0 in unsteered rows
-        inputs = make_inputs((2, 9, 24), (2, 4, 4), down_bias=False, up_bias=False,
-                             residual=False, device=device)
+        inputs = make_inputs(
+            (2, 9, 24), (2, 4, 4), down_bias=False, up_bias=False, residual=False, device=device
+        )
         with torch.no_grad():
             inputs.hidden[..., 0] = -0.0
         index = torch.tensor([[0, 1, 2, 1, 0, 2, 2, 1, 0], [2, 2, 0, 1, 1, 1, 0, 2, 1]])
@@ -154,8 +173,13 @@ def _case(name: str, device):
     raise AssertionError(name)
 
 
-CASES = ["mixed_ranks_and_phis", "3d_plain", "one_row_per_adapter", "all_rows_one_adapter",
-         "many_adapters"]
+CASES = [
+    "mixed_ranks_and_phis",
+    "3d_plain",
+    "one_row_per_adapter",
+    "all_rows_one_adapter",
+    "many_adapters",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -201,8 +225,16 @@ def test_strided_layouts(backend, path, layout, device):
     if layout == "column_stride":  # a strided index and strided scales too
         index = torch.zeros(3, 14, dtype=torch.int64, device=device)[:, ::2].copy_(index)
         scales = torch.zeros(3, 14, device=device)[:, ::2].copy_(scales)
-    check_case(inputs, index, scales, ("relu", "tanh", "silu"), backend, path,
-               TOLERANCES[torch.float32], grad_out)
+    check_case(
+        inputs,
+        index,
+        scales,
+        ("relu", "tanh", "silu"),
+        backend,
+        path,
+        TOLERANCES[torch.float32],
+        grad_out,
+    )
 
 
 @pytest.mark.parametrize("backend, path", PATHS, ids=PATH_IDS)
@@ -211,20 +243,35 @@ def test_all_rows_on_slot_zero(backend, path, device):
     inputs = make_inputs((2, 5, 24), (3, 3), device=device)
     index = torch.zeros((2, 5), dtype=torch.int64, device=device)
     grad_out = torch.randn(2, 5, 24, device=device)
-    _, grads = check_case(inputs, index, make_scales((2, 5), device), "silu", backend, path,
-                          TOLERANCES[torch.float32], grad_out)
+    _, grads = check_case(
+        inputs,
+        index,
+        make_scales((2, 5), device),
+        "silu",
+        backend,
+        path,
+        TOLERANCES[torch.float32],
+        grad_out,
+    )
     assert torch.equal(grads[0], grad_out) and torch.equal(grads[5], grad_out)
     # A single slot (slot 0 alone): nothing to steer at all.
     hidden = inputs.hidden.detach()
     out = multi_adapter_steer(
-        hidden, inputs.down_weight[:1], inputs.up_weight[:1], adapter_index=index,
-        scales=make_scales((2, 5), device), activations="relu", backend=backend, path=path,
+        hidden,
+        inputs.down_weight[:1],
+        inputs.up_weight[:1],
+        adapter_index=index,
+        scales=make_scales((2, 5), device),
+        activations="relu",
+        backend=backend,
+        path=path,
     )
     assert torch.equal(bits(out), bits(hidden))
 
 
-@pytest.mark.parametrize("backend, path", [("triton", "gather"), ("triton", "grouped"),
-                                           ("torch", "gather")])
+@pytest.mark.parametrize(
+    "backend, path", [("triton", "gather"), ("triton", "grouped"), ("torch", "gather")]
+)
 def test_unchecked_out_of_range_index_is_unsteered(backend, path, device):
     """With check_index=False an out-of-range slot is the caller's bug; the Triton paths and
     the torch gather path then leave the row unsteered instead of reading outside the weights
@@ -233,18 +280,30 @@ def test_unchecked_out_of_range_index_is_unsteered(backend, path, device):
     index = torch.tensor([1, 7, 2, -1, 0, 3], device=device)
     tensors = [t.detach() for t in inputs.tensors()[:5]]
     out = multi_adapter_steer(
-        *tensors, adapter_index=index, scales=torch.ones(6, device=device), activations="silu",
-        backend=backend, path=path, check_index=False,
+        *tensors,
+        adapter_index=index,
+        scales=torch.ones(6, device=device),
+        activations="silu",
+        backend=backend,
+        path=path,
+        check_index=False,
     )
     assert torch.equal(out[[1, 3, 4, 5]], tensors[0][[1, 3, 4, 5]])
     assert not torch.equal(out[[0, 2]], tensors[0][[0, 2]])
     with pytest.raises(ValueError, match="adapter_index"):
-        multi_adapter_steer(*tensors, adapter_index=index, scales=torch.ones(6, device=device),
-                            activations="silu", backend=backend, path=path)
+        multi_adapter_steer(
+            *tensors,
+            adapter_index=index,
+            scales=torch.ones(6, device=device),
+            activations="silu",
+            backend=backend,
+            path=path,
+        )
 
 
-@pytest.mark.parametrize("backend, path", [("torch", "auto"), ("triton", "gather")],
-                         ids=["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend, path", [("torch", "auto"), ("triton", "gather")], ids=["torch", "triton"]
+)
 def test_backward_is_deterministic(backend, path, device):
     """Two backward runs agree bit for bit (fixed-order per-slot reductions, no atomics)."""
     inputs = make_inputs((90, 24), (2, 4, 4), device=device)
@@ -252,9 +311,16 @@ def test_backward_is_deterministic(backend, path, device):
     scales = make_scales(90, device)
     grad_out = torch.randn(90, 24, device=device)
     runs = [
-        run_op(multi_adapter_steer, inputs.converted(torch.float32), grad_out,
-               adapter_index=index, scales=scales, activations="silu", backend=backend,
-               path=path)
+        run_op(
+            multi_adapter_steer,
+            inputs.converted(torch.float32),
+            grad_out,
+            adapter_index=index,
+            scales=scales,
+            activations="silu",
+            backend=backend,
+            path=path,
+        )
         for _ in range(2)
     ]
     assert torch.equal(runs[0][0], runs[1][0])
@@ -274,8 +340,12 @@ def test_explicit_kernel_configs(device):
     tensors = [None if t is None else t.detach() for t in inputs.tensors()]
     config = kernels.MultiAdapterConfig(block_m=16, block_d=16)
     ref_out, ref_grads = run_op(
-        reference, inputs.converted(torch.float64), grad_out.double(), adapter_index=index,
-        scales=scales, activations=activations,
+        reference,
+        inputs.converted(torch.float64),
+        grad_out.double(),
+        adapter_index=index,
+        scales=scales,
+        activations=activations,
     )
     rel = TOLERANCES[torch.float32]
     for path in ("gather", "grouped"):
@@ -288,11 +358,20 @@ def test_explicit_kernel_configs(device):
         z_ref = (z_ref + tensors[3].double()[index]) * (index != 0)[:, None]
         assert_close(f"z ({path})", forward.z, z_ref, rel)
     backward = kernels.multi_adapter_steer_backward(
-        grad_out, forward.out, forward.z, tensors[1], tensors[2], tensors[4], index, scales,
-        activations, config=SMALL_BACKWARD,
+        grad_out,
+        forward.out,
+        forward.z,
+        tensors[1],
+        tensors[2],
+        tensors[4],
+        index,
+        scales,
+        activations,
+        config=SMALL_BACKWARD,
     )
-    for name, got, want in zip(["hidden", "down", "up", "down_bias", "up_bias"], backward,
-                               ref_grads):
+    for name, got, want in zip(
+        ["hidden", "down", "up", "down_bias", "up_bias"], backward, ref_grads
+    ):
         assert_close(f"grad {name}", got, want, rel)
 
 
@@ -322,20 +401,33 @@ def test_backward_token_units(spread, device):
     activations = ("identity", "silu", "tanh", "gelu_tanh", "relu")
     tensors = [None if t is None else t.detach() for t in inputs.tensors()]
     _, ref_grads = run_op(
-        reference, inputs.converted(torch.float64), grad_out.double(), adapter_index=index,
-        scales=scales, activations=activations,
+        reference,
+        inputs.converted(torch.float64),
+        grad_out.double(),
+        adapter_index=index,
+        scales=scales,
+        activations=activations,
     )
     forward = kernels.multi_adapter_steer_forward(*tensors, index, scales, activations)
     plan = kernels.plan_backward(
-        grad_out, forward.out, forward.z, tensors[1], tensors[2], tensors[4], index, scales,
-        activations, config=SMALL_BACKWARD,
+        grad_out,
+        forward.out,
+        forward.z,
+        tensors[1],
+        tensors[2],
+        tensors[4],
+        index,
+        scales,
+        activations,
+        config=SMALL_BACKWARD,
     )
     partials = plan.launches[1].kwargs["partial_ptr"]
     assert partials.shape[0] <= SMALL_BACKWARD.splits + len(ranks)
     for launch in plan.launches:
         launch()
-    for name, got, want in zip(["hidden", "down", "up", "down_bias", "up_bias"], plan.result,
-                               ref_grads):
+    for name, got, want in zip(
+        ["hidden", "down", "up", "down_bias", "up_bias"], plan.result, ref_grads
+    ):
         assert_close(f"grad {name}", got, want, TOLERANCES[torch.float32])
 
 
@@ -354,7 +446,9 @@ def test_backward_workspace_is_per_unit_not_per_row_block():
     scales = torch.empty(n_rows, device="meta")
     plan = kernels.plan_backward(grad_out, out, z, down, up, None, index, scales, ("silu",) * 2)
     buffers = {
-        id(t): t for launch in plan.launches for t in launch.kwargs.values()
+        id(t): t
+        for launch in plan.launches
+        for t in launch.kwargs.values()
         if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t is not z
     }
     workspace = sum(t.numel() * t.element_size() for t in buffers.values())
@@ -366,9 +460,17 @@ def test_no_tokens(backend, path, device):
     inputs = make_inputs((0, 24), (2, 2), device=device)
     index = torch.zeros(0, dtype=torch.int64, device=device)
     out = multi_adapter_steer(
-        inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias, inputs.up_bias,
-        adapter_index=index, scales=torch.zeros(0, device=device), activations="silu",
-        residual=inputs.residual, backend=backend, path=path,
+        inputs.hidden,
+        inputs.down_weight,
+        inputs.up_weight,
+        inputs.down_bias,
+        inputs.up_bias,
+        adapter_index=index,
+        scales=torch.zeros(0, device=device),
+        activations="silu",
+        residual=inputs.residual,
+        backend=backend,
+        path=path,
     )
     assert out.shape == (0, 24)
     out.sum().backward()
@@ -410,15 +512,24 @@ def test_gradcheck_torch_path():
 
     def fn(hidden, down, up, down_bias, up_bias, residual):
         return multi_adapter_steer(
-            hidden, down, up, down_bias, up_bias, adapter_index=index, scales=scales,
-            activations=("identity", "gelu_tanh", "silu"), residual=residual, backend="torch",
+            hidden,
+            down,
+            up,
+            down_bias,
+            up_bias,
+            adapter_index=index,
+            scales=scales,
+            activations=("identity", "gelu_tanh", "silu"),
+            residual=residual,
+            backend="torch",
         )
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.tensors()))
 
 
-@pytest.mark.parametrize("backend, path", [("torch", "auto"), ("triton", "grouped")],
-                         ids=["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend, path", [("torch", "auto"), ("triton", "grouped")], ids=["torch", "triton"]
+)
 def test_backward_keeps_no_extra_token_by_hidden_tensor(backend, path, device):
     """Autograd saves out, z [N, R] fp32, the index and the scales: never h or a copy."""
     inputs = make_inputs((16, 40), (4, 4, 2), device=device)
@@ -430,25 +541,36 @@ def test_backward_keeps_no_extra_token_by_hidden_tensor(backend, path, device):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = multi_adapter_steer(
-            inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias,
-            inputs.up_bias, adapter_index=torch.randint(0, 3, (16,), device=device),
-            scales=make_scales(16, device), activations="gelu", residual=inputs.residual,
-            backend=backend, path=path,
+            inputs.hidden,
+            inputs.down_weight,
+            inputs.up_weight,
+            inputs.down_bias,
+            inputs.up_bias,
+            adapter_index=torch.randint(0, 3, (16,), device=device),
+            scales=make_scales(16, device),
+            activations="gelu",
+            residual=inputs.residual,
+            backend=backend,
+            path=path,
         )
     big = [t for t in saved if t.numel() >= inputs.hidden.numel()]
     assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
     assert [t.dtype for t in saved if t.shape == (16, 4)] == [torch.float32]
 
 
-@pytest.mark.parametrize("backend, path", [("torch", "auto"), ("triton", "gather")],
-                         ids=["torch", "triton"])
+@pytest.mark.parametrize(
+    "backend, path", [("torch", "auto"), ("triton", "gather")], ids=["torch", "triton"]
+)
 def test_no_grad_calls_match_autograd_calls(backend, path, device):
     """Without autograd the op skips the registered op's dispatch; results are identical."""
     inputs = make_inputs((2, 7, 40), (3, 3), device=device)
     arguments = dict(
         adapter_index=torch.randint(0, 2, (2, 7), device=device),
-        scales=make_scales((2, 7), device), activations="gelu", residual=inputs.residual,
-        backend=backend, path=path,
+        scales=make_scales((2, 7), device),
+        activations="gelu",
+        residual=inputs.residual,
+        backend=backend,
+        path=path,
     )
     tensors = inputs.tensors()[:5]
     with_graph = multi_adapter_steer(*tensors, **arguments)
@@ -468,8 +590,16 @@ def test_compile_fullgraph_torch_backend():
 
     def fn(hidden, down, up, down_bias, up_bias, residual=None, *, adapter_index, scales):
         return multi_adapter_steer(
-            hidden, down, up, down_bias, up_bias, adapter_index=adapter_index, scales=scales,
-            activations=activations, residual=residual, backend="torch",
+            hidden,
+            down,
+            up,
+            down_bias,
+            up_bias,
+            adapter_index=adapter_index,
+            scales=scales,
+            activations=activations,
+            residual=residual,
+            backend="torch",
         )
 
     routings = [
@@ -500,10 +630,15 @@ def test_compile_fullgraph_torch_backend():
 
 def _valid_arguments() -> dict:
     return dict(
-        hidden=torch.randn(5, 8), down_weights=torch.randn(3, 2, 8),
-        up_weights=torch.randn(3, 8, 2), down_biases=torch.randn(3, 2),
-        up_biases=torch.randn(3, 8), adapter_index=torch.tensor([0, 1, 2, 1, 0]),
-        scales=torch.ones(5), activations="silu", residual=torch.randn(5, 8),
+        hidden=torch.randn(5, 8),
+        down_weights=torch.randn(3, 2, 8),
+        up_weights=torch.randn(3, 8, 2),
+        down_biases=torch.randn(3, 2),
+        up_biases=torch.randn(3, 8),
+        adapter_index=torch.tensor([0, 1, 2, 1, 0]),
+        scales=torch.ones(5),
+        activations="silu",
+        residual=torch.randn(5, 8),
     )
 
 
@@ -531,9 +666,17 @@ BAD_INPUTS = {
     "activations_type": ("activations", dict(activations=3)),
     "backend": ("backend", dict(backend="cuda")),
     "path": ("path", dict(path="sorted")),
-    "triton_fp64": ("backend", dict(backend="triton", **{
-        k: v.double() for k, v in _valid_arguments().items() if isinstance(v, torch.Tensor)
-        and v.is_floating_point()})),
+    "triton_fp64": (
+        "backend",
+        dict(
+            backend="triton",
+            **{
+                k: v.double()
+                for k, v in _valid_arguments().items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+            },
+        ),
+    ),
 }
 
 

@@ -57,9 +57,18 @@ def test_a_wrong_path_is_reported_and_not_timed(monkeypatch):
 
 def _record(m, gather_ms, grouped_ms, auto):
     return dict(
-        hidden_size=64, rank=8, adapters=4, dtype="bfloat16", rows_per_adapter=m,
-        tokens=4 * m, status="ok", gather_ms=gather_ms, grouped_ms=grouped_ms, auto=auto,
-        gather_noisy=False, grouped_noisy=False,
+        hidden_size=64,
+        rank=8,
+        adapters=4,
+        dtype="bfloat16",
+        rows_per_adapter=m,
+        tokens=4 * m,
+        status="ok",
+        gather_ms=gather_ms,
+        grouped_ms=grouped_ms,
+        auto=auto,
+        gather_noisy=False,
+        grouped_noisy=False,
         faster="grouped" if grouped_ms < gather_ms else "gather",
     )
 

@@ -16,8 +16,9 @@ INPUT_IDS = random_input_ids(3, 6)
 DEFAULT = SteerConfig(rank=4, backend="torch")
 # Another rank, activation, bias, scale, layer set and site than the default.
 OTHERS = {
-    "narrow": SteerConfig(rank=2, activation="identity", bias=True, scale=0.5, layers=[1],
-                          backend="torch"),
+    "narrow": SteerConfig(
+        rank=2, activation="identity", bias=True, scale=0.5, layers=[1], backend="torch"
+    ),
     "mlp": SteerConfig(rank=3, activation="gelu", site="mlp", backend="torch"),
     "vector": SteerConfig(rank=0, site=["attn", "block"], backend="torch"),
 }
@@ -138,24 +139,27 @@ def test_set_scale_of_one_adapter_or_of_all():
     torch.testing.assert_close(logits(model), logits(tiny_causal_lm("llama")), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda m: m.add_adapter("narrow", DEFAULT), "adapter_name: an adapter 'narrow' is loaded"),
-    (lambda m: m.add_adapter("default", DEFAULT), "is loaded already"),
-    (lambda m: m.add_adapter("__base__", DEFAULT), "reserved"),
-    (lambda m: m.add_adapter("a.b", DEFAULT), "adapter_name must be"),
-    (lambda m: m.add_adapter("", DEFAULT), "adapter_name must be"),
-    (lambda m: m.add_adapter("keys", DEFAULT), "reserved"),
-    (lambda m: m.add_adapter("wide", SteerConfig(rank=2, hidden_size=64)), "hidden_size=64"),
-    (lambda m: m.add_adapter("deep", SteerConfig(rank=2, num_layers=3)), "num_layers=3"),
-    (lambda m: m.add_adapter("far", SteerConfig(rank=2, layers=[5])), "out of range"),
-    (lambda m: m.add_adapter("x", "rank 2"), "config must be"),
-    (lambda m: m.set_adapter("nope"), "adapter_name: no adapter 'nope'"),
-    (lambda m: m.delete_adapter("nope"), "adapter_name: no adapter 'nope'"),
-    (lambda m: m.delete_adapter("default"), "default adapter cannot be deleted"),
-    (lambda m: m.delete_adapter("narrow", new_active_adapter="nope"), "new_active_adapter"),
-    (lambda m: m.set_scale(1.0, adapter_name="nope"), "adapter_name"),
-    (lambda m: m.save_pretrained("unused", selected_adapters=["nope"]), "selected_adapters"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m.add_adapter("narrow", DEFAULT), "adapter_name: an adapter 'narrow' is loaded"),
+        (lambda m: m.add_adapter("default", DEFAULT), "is loaded already"),
+        (lambda m: m.add_adapter("__base__", DEFAULT), "reserved"),
+        (lambda m: m.add_adapter("a.b", DEFAULT), "adapter_name must be"),
+        (lambda m: m.add_adapter("", DEFAULT), "adapter_name must be"),
+        (lambda m: m.add_adapter("keys", DEFAULT), "reserved"),
+        (lambda m: m.add_adapter("wide", SteerConfig(rank=2, hidden_size=64)), "hidden_size=64"),
+        (lambda m: m.add_adapter("deep", SteerConfig(rank=2, num_layers=3)), "num_layers=3"),
+        (lambda m: m.add_adapter("far", SteerConfig(rank=2, layers=[5])), "out of range"),
+        (lambda m: m.add_adapter("x", "rank 2"), "config must be"),
+        (lambda m: m.set_adapter("nope"), "adapter_name: no adapter 'nope'"),
+        (lambda m: m.delete_adapter("nope"), "adapter_name: no adapter 'nope'"),
+        (lambda m: m.delete_adapter("default"), "default adapter cannot be deleted"),
+        (lambda m: m.delete_adapter("narrow", new_active_adapter="nope"), "new_active_adapter"),
+        (lambda m: m.set_scale(1.0, adapter_name="nope"), "adapter_name"),
+        (lambda m: m.save_pretrained("unused", selected_adapters=["nope"]), "selected_adapters"),
+    ],
+)
 def test_bad_input_raises_and_changes_nothing(call, match):
     model = model_with_adapters()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -176,8 +180,11 @@ def test_load_adapter_of_another_base_model_loads_nothing(tmp_path):
     deep.save_pretrained(tmp_path / "deep")
     model = model_with_adapters()
     count = adapter_count(model)
-    for folder, match in (("wide", "hidden_size=64"), ("deep", "num_layers=3"),
-                          ("missing", "is not a directory")):
+    for folder, match in (
+        ("wide", "hidden_size=64"),
+        ("deep", "num_layers=3"),
+        ("missing", "is not a directory"),
+    ):
         with pytest.raises(ValueError, match=match):
             model.load_adapter(tmp_path / folder, "other")
         assert model.list_adapters() == ["default", *OTHERS] and adapter_count(model) == count

@@ -46,8 +46,10 @@ def steered(seed, others=OTHERS):
 def logits_per_adapter(model):
     model.eval()
     with torch.no_grad():
-        return {name: model(input_ids=INPUT_IDS, adapter_names=[name] * 2).logits
-                for name in model.list_adapters()}
+        return {
+            name: model(input_ids=INPUT_IDS, adapter_names=[name] * 2).logits
+            for name in model.list_adapters()
+        }
 
 
 def adapter_state(model):
@@ -58,7 +60,8 @@ def test_extra_state_names_every_adapter():
     model = steered(0)
     state = json.loads(bytes(model.state_dict()["_extra_state"].tolist()))
     assert state[NAMED_ADAPTERS_KEY] == [
-        [name, model.steer_configs[name].to_dict()] for name in OTHERS  # in loading order
+        [name, model.steer_configs[name].to_dict()]
+        for name in OTHERS  # in loading order
     ]
     assert state["rank"] == 4 and state[NAMED_ADAPTERS_KEY][1][1]["site"] == ["mlp"]
     # One adapter: the state is the default config alone, as it always was.
@@ -84,8 +87,13 @@ def test_load_state_dict_of_other_adapters_raises_and_changes_nothing(case):
         target = steered(1, others={"narrow": OTHERS["narrow"]})
         message = "holds adapter 'mlp', which this model has not loaded"
     else:
-        target = steered(1, others={**OTHERS, "mlp": SteerConfig(rank=5, activation="gelu",
-                                                                  site="mlp", backend="torch")})
+        target = steered(
+            1,
+            others={
+                **OTHERS,
+                "mlp": SteerConfig(rank=5, activation="gelu", site="mlp", backend="torch"),
+            },
+        )
         message = "adapter 'mlp'"
     before = adapter_state(target)
     with pytest.raises(ValueError, match=message):
@@ -106,15 +114,28 @@ def test_trainer_trains_mixed_batches_and_its_checkpoint_restores_every_adapter(
 
     def args(output_dir):
         return TrainingArguments(
-            output_dir=str(output_dir), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-            learning_rate=5e-2, use_cpu=True, report_to=[], seed=0, data_seed=0,
-            disable_tqdm=True, logging_steps=100, remove_unused_columns=False,
+            output_dir=str(output_dir),
+            max_steps=4,
+            save_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=5e-2,
+            use_cpu=True,
+            report_to=[],
+            seed=0,
+            data_seed=0,
+            disable_tqdm=True,
+            logging_steps=100,
+            remove_unused_columns=False,
         )
 
     uninterrupted = steered(0)
     initial = adapter_state(uninterrupted)
-    Trainer(model=uninterrupted, args=args(tmp_path / "a"), train_dataset=TokenDataset(),
-            data_collator=collate).train()
+    Trainer(
+        model=uninterrupted,
+        args=args(tmp_path / "a"),
+        train_dataset=TokenDataset(),
+        data_collator=collate,
+    ).train()
     final = adapter_state(uninterrupted)
     for name in ("steer_adapter.", "steer_adapters.narrow.", "steer_adapters.mlp."):
         assert any(name in key and not torch.equal(initial[key], final[key]) for key in final)
@@ -130,8 +151,12 @@ def test_trainer_trains_mixed_batches_and_its_checkpoint_restores_every_adapter(
     assert not any(p.requires_grad for p in loaded.parameters())
 
     resumed = steered(1)
-    trainer = Trainer(model=resumed, args=args(tmp_path / "b"), train_dataset=TokenDataset(),
-                      data_collator=collate)
+    trainer = Trainer(
+        model=resumed,
+        args=args(tmp_path / "b"),
+        train_dataset=TokenDataset(),
+        data_collator=collate,
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     after = adapter_state(resumed)
     for key in final:

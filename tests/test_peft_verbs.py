@@ -108,11 +108,16 @@ def test_parameter_counts_are_peft_s(kind, capsys):
 @pytest.mark.parametrize(
     "kind, verb, match",
     [
-        *((kind, verb, "cannot be merged") for kind in MODELS
-          for verb in ("merge_and_unload", "merge_adapter", "unmerge_adapter")),
+        *(
+            (kind, verb, "cannot be merged")
+            for kind in MODELS
+            for verb in ("merge_and_unload", "merge_adapter", "unmerge_adapter")
+        ),
         # SteerModel holds named adapters (tests/test_named_adapters.py); a JointModel does not.
-        *(("joint", verb, "JointModel holds one steering adapter and one LoRA adapter")
-          for verb in ("add_adapter", "load_adapter", "set_adapter", "delete_adapter")),
+        *(
+            ("joint", verb, "JointModel holds one steering adapter and one LoRA adapter")
+            for verb in ("add_adapter", "load_adapter", "set_adapter", "delete_adapter")
+        ),
     ],
 )
 def test_verbs_without_meaning_raise_and_change_nothing(kind, verb, match):

@@ -164,7 +164,14 @@ def test_explicit_kernel_configs(forward_config, backward_config, device):
         hidden, down, up, down_bias, up_bias, residual, activation, scale, config=forward_config
     )
     backward = kernels.post_block_steer_backward(
-        grad_out, forward.out, forward.z, down, up, up_bias, activation, scale,
+        grad_out,
+        forward.out,
+        forward.z,
+        down,
+        up,
+        up_bias,
+        activation,
+        scale,
         config=backward_config,
     )
     ref_out, ref_grads = run_reference(inputs, grad_out, activation, scale)
@@ -186,8 +193,13 @@ def test_explicit_kernel_configs(forward_config, backward_config, device):
 def test_no_tokens(backend, device):
     inputs = make_inputs((0, 24), 4, device=device)
     out = post_block_steer(
-        inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias, inputs.up_bias,
-        residual=inputs.residual, backend=backend,
+        inputs.hidden,
+        inputs.down_weight,
+        inputs.up_weight,
+        inputs.down_bias,
+        inputs.up_bias,
+        residual=inputs.residual,
+        backend=backend,
     )
     assert out.shape == (0, 24)
     out.sum().backward()
@@ -201,8 +213,11 @@ def test_triton_backward_is_deterministic(device):
     grad_out = torch.randn(300, 40).to(inputs.hidden)
     first = run_op(post_block_steer, inputs, grad_out, activation="silu", backend="triton")[1]
     second = run_op(
-        post_block_steer, inputs.converted(inputs.hidden.dtype), grad_out,
-        activation="silu", backend="triton",
+        post_block_steer,
+        inputs.converted(inputs.hidden.dtype),
+        grad_out,
+        activation="silu",
+        backend="triton",
     )[1]
     for a, b in zip(first, second):
         if a is not None:
@@ -215,8 +230,15 @@ def test_gradcheck_torch_path(activation):
 
     def fn(hidden, down, up, down_bias, up_bias, residual):
         return post_block_steer(
-            hidden, down, up, down_bias, up_bias,
-            activation=activation, scale=-0.8, residual=residual, backend="torch",
+            hidden,
+            down,
+            up,
+            down_bias,
+            up_bias,
+            activation=activation,
+            scale=-0.8,
+            residual=residual,
+            backend="torch",
         )
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.tensors()))
@@ -282,8 +304,13 @@ def test_backward_keeps_no_extra_token_by_hidden_tensor(device):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = post_block_steer(
-            inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias,
-            inputs.up_bias, residual=inputs.residual, backend="triton",
+            inputs.hidden,
+            inputs.down_weight,
+            inputs.up_weight,
+            inputs.down_bias,
+            inputs.up_bias,
+            residual=inputs.residual,
+            backend="triton",
         )
     big = [t for t in saved if t.numel() >= inputs.hidden.numel()]
     assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
@@ -302,10 +329,14 @@ def test_one_tensor_order_from_the_op_to_the_kernels():
 
     assert list(inspect.signature(post_block_steer).parameters)[:5] == forward[:5]
     assert names(torch.ops.steer_fast.post_block_steer_forward.default._schema) == [
-        *forward, *scalars, "backend"
+        *forward,
+        *scalars,
+        "backend",
     ]
     assert names(torch.ops.steer_fast.post_block_steer_backward.default._schema) == [
-        *backward, *scalars, "backend"
+        *backward,
+        *scalars,
+        "backend",
     ]
     for function, order in [
         (torch_backend.forward, forward),
@@ -325,8 +356,15 @@ def test_compile_fullgraph_torch_backend():
 
     def fn(hidden, down, up, down_bias, up_bias, residual=None):
         return post_block_steer(
-            hidden, down, up, down_bias, up_bias,
-            activation="silu", scale=0.5, residual=residual, backend="torch",
+            hidden,
+            down,
+            up,
+            down_bias,
+            up_bias,
+            activation="silu",
+            scale=0.5,
+            residual=residual,
+            backend="torch",
         )
 
     explanation = torch._dynamo.explain(fn)(*[t.detach() for t in inputs.tensors()])
@@ -344,8 +382,13 @@ def test_no_grad_calls_match_autograd_calls(backend, device):
     """Without autograd the op skips the registered op's dispatch; results are identical."""
     inputs = make_inputs((2, 7, 40), 8, device=device)
     arguments = dict(activation="gelu", scale=0.3, residual=inputs.residual, backend=backend)
-    tensors = [inputs.hidden, inputs.down_weight, inputs.up_weight, inputs.down_bias,
-               inputs.up_bias]
+    tensors = [
+        inputs.hidden,
+        inputs.down_weight,
+        inputs.up_weight,
+        inputs.down_bias,
+        inputs.up_bias,
+    ]
     with_graph = post_block_steer(*tensors, **arguments)
     assert with_graph.grad_fn is not None
     with torch.no_grad():

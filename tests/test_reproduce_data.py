@@ -116,10 +116,10 @@ def test_left_padded_generation_matches_one_prompt_at_a_time(tokenizer, examples
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD_TOKEN_ID)
     batch = encode_prompts(examples[:3], tokenizer)
     with torch.no_grad():
-        together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
+        together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
         for i, example in enumerate(examples[:3]):
             alone = encode_prompts([example], tokenizer)
-            single = model.generate(**alone, **settings)[0, alone["input_ids"].shape[1]:]
+            single = model.generate(**alone, **settings)[0, alone["input_ids"].shape[1] :]
             assert together[i].tolist() == single.tolist()
 
 
@@ -136,9 +136,13 @@ def test_encode_prompts_errors(tokenizer, examples):
 
 
 def listops_rows(count: int, start: int = 0) -> list[dict]:
-    return [{"Source": f"[SM {i % 10} {i // 10 % 10} [MAX 1 {i % 7} ] ]",
-             "Target": (i % 10 + i // 10 % 10 + max(1, i % 7)) % 10}
-            for i in range(start, start + count)]
+    return [
+        {
+            "Source": f"[SM {i % 10} {i // 10 % 10} [MAX 1 {i % 7} ] ]",
+            "Target": (i % 10 + i // 10 % 10 + max(1, i % 7)) % 10,
+        }
+        for i in range(start, start + count)
+    ]
 
 
 def write_jsonl(path, rows):
@@ -158,8 +162,11 @@ def test_load_prompt_completion_jsonl_round_trips_make_task(tmp_path):
         rows = [{"prompt": e.prompt, "completion": e.completion} for e in getattr(made, split)]
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     loaded = load_task(str(tmp_path))
-    assert (loaded.train, loaded.validation, loaded.test) == (made.train, made.validation,
-                                                              made.test)
+    assert (loaded.train, loaded.validation, loaded.test) == (
+        made.train,
+        made.validation,
+        made.test,
+    )
     assert loaded.name == tmp_path.name
 
 
@@ -169,8 +176,9 @@ def test_load_listops_source_target_file_carves_disjoint_splits(tmp_path, suffix
     write_csv(tmp_path / f"listops{suffix}", rows, delimiter)
     loaded = load_task(str(tmp_path / f"listops{suffix}"), seed=2)
     assert (len(loaded.train), len(loaded.validation), len(loaded.test)) == (40, 5, 5)
-    prompts = [{e.prompt for e in split} for split in (loaded.train, loaded.validation,
-                                                       loaded.test)]
+    prompts = [
+        {e.prompt for e in split} for split in (loaded.train, loaded.validation, loaded.test)
+    ]
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
     by_source = {row["Source"]: str(row["Target"]) for row in rows}
     for example in loaded.train + loaded.test:
@@ -178,28 +186,36 @@ def test_load_listops_source_target_file_carves_disjoint_splits(tmp_path, suffix
         assert example.prompt == LISTOPS_PROMPT.format(expression=source)
         assert example.answer == by_source[source]
         assert example.completion == f"<answer>{example.answer}</answer>"
-    sized = load_task(str(tmp_path / f"listops{suffix}"), train_size=10, validation_size=3,
-                      test_size=7, seed=2)
+    sized = load_task(
+        str(tmp_path / f"listops{suffix}"), train_size=10, validation_size=3, test_size=7, seed=2
+    )
     assert (len(sized.train), len(sized.validation), len(sized.test)) == (10, 3, 7)
-    assert sized == load_task(str(tmp_path / f"listops{suffix}"), train_size=10,
-                              validation_size=3, test_size=7, seed=2)
-    assert sized != load_task(str(tmp_path / f"listops{suffix}"), train_size=10,
-                              validation_size=3, test_size=7, seed=3)
+    assert sized == load_task(
+        str(tmp_path / f"listops{suffix}"), train_size=10, validation_size=3, test_size=7, seed=2
+    )
+    assert sized != load_task(
+        str(tmp_path / f"listops{suffix}"), train_size=10, validation_size=3, test_size=7, seed=3
+    )
 
 
 def test_load_big_bench_json_and_answer_from_completion(tmp_path):
-    bbh = {"examples": [{"input": "not ( True ) and ( True ) is", "target": "False"},
-                        {"input": "((-1 + 2) * (3 - -4)) =", "target": "7"},
-                        {"input": "True or False is", "target": "True"}]}
+    bbh = {
+        "examples": [
+            {"input": "not ( True ) and ( True ) is", "target": "False"},
+            {"input": "((-1 + 2) * (3 - -4)) =", "target": "7"},
+            {"input": "True or False is", "target": "True"},
+        ]
+    }
     (tmp_path / "bbh.json").write_text(json.dumps(bbh), encoding="utf-8")
     loaded = load_task(str(tmp_path / "bbh.json"), validation_size=1, test_size=1)
     examples = {e.answer: e for e in loaded.train + loaded.validation + loaded.test}
-    assert examples["False"].prompt == BOOLEAN_PROMPT.format(
-        expression="not ( True ) and ( True )")
+    assert examples["False"].prompt == BOOLEAN_PROMPT.format(expression="not ( True ) and ( True )")
     assert examples["7"].prompt == ARITHMETIC_PROMPT.format(expression="((-1 + 2) * (3 - -4))")
     write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "P", "completion": "<answer> 5 </answer>"}] * 3)
-    assert load_task(str(tmp_path / "pc.jsonl"), validation_size=0, test_size=0).train == (
-        Example("P", "<answer> 5 </answer>", "5"),) * 3
+    assert (
+        load_task(str(tmp_path / "pc.jsonl"), validation_size=0, test_size=0).train
+        == (Example("P", "<answer> 5 </answer>", "5"),) * 3
+    )
 
 
 def test_load_hub_dataset_id(monkeypatch):
@@ -209,10 +225,16 @@ def test_load_hub_dataset_id(monkeypatch):
     def fake_load_dataset(name, config=None):
         calls.append((name, config))
         if name == "fengyang0317/listops-64":
-            return {"train": listops_rows(20), "validation": listops_rows(4, 20),
-                    "test": listops_rows(6, 24)}
-        return {"test": [{"input": f"{'not ' * i}True is", "target": str(i % 2 == 0)}
-                         for i in range(30)]}
+            return {
+                "train": listops_rows(20),
+                "validation": listops_rows(4, 20),
+                "test": listops_rows(6, 24),
+            }
+        return {
+            "test": [
+                {"input": f"{'not ' * i}True is", "target": str(i % 2 == 0)} for i in range(30)
+            ]
+        }
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     listops = load_task("fengyang0317/listops-64", train_size=12)
@@ -226,11 +248,13 @@ def test_load_hub_dataset_id(monkeypatch):
 
 def test_load_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
-    saved = datasets.DatasetDict({
-        "train": datasets.Dataset.from_list(listops_rows(10)),
-        "validation": datasets.Dataset.from_list(listops_rows(3, 10)),
-        "test": datasets.Dataset.from_list(listops_rows(4, 13)),
-    })
+    saved = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(listops_rows(10)),
+            "validation": datasets.Dataset.from_list(listops_rows(3, 10)),
+            "test": datasets.Dataset.from_list(listops_rows(4, 13)),
+        }
+    )
     saved.save_to_disk(str(tmp_path / "listops"))
     loaded = load_task(str(tmp_path / "listops"))
     assert (len(loaded.train), len(loaded.validation), len(loaded.test)) == (10, 3, 4)

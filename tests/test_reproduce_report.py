@@ -13,16 +13,31 @@ from steer_fast.reproduce import report
 N = 400
 
 
-def run(method: str, accuracy: float, *, seed: int | None = 0, rate: float | None = 9e-4,
-        validation: float | None = None, task: str = "listops") -> dict:
+def run(
+    method: str,
+    accuracy: float,
+    *,
+    seed: int | None = 0,
+    rate: float | None = 9e-4,
+    validation: float | None = None,
+    task: str = "listops",
+) -> dict:
     correct = round(accuracy * N)
     record = {
-        "task": task, "method": method, "seed": seed, "learning_rate": rate,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "learning_rate": rate,
         "trainable_percent": {"full": 100.0, "base": 0.0}.get(method, 0.2),
         "test": {"correct": correct, "total": N, "accuracy": correct / N},
-        "train": None if rate is None else {"steps": 40, "losses": [2.0, 1.5, 1.2],
-                                            "seconds_per_step": 4.0,
-                                            "peak_memory_bytes": 3 * 2**30},
+        "train": None
+        if rate is None
+        else {
+            "steps": 40,
+            "losses": [2.0, 1.5, 1.2],
+            "seconds_per_step": 4.0,
+            "peak_memory_bytes": 3 * 2**30,
+        },
         "seconds": 100.0,
     }
     if validation is not None:
@@ -31,11 +46,16 @@ def run(method: str, accuracy: float, *, seed: int | None = 0, rate: float | Non
 
 
 def results(*runs: dict) -> dict:
-    return {"format": 1, "settings": {"model": "m", "batch_size": 8, "grad_accum": 2},
-            "commands": ["steer-fast reproduce --tasks listops"], "model_parameters": 1000,
-            "environment": {"versions": {"torch": "2"}, "machine": {"processor": "cpu"}},
-            "tasks": {"listops": {"train": 640, "validation": 100, "test": N}},
-            "skipped": {}, "runs": list(runs)}
+    return {
+        "format": 1,
+        "settings": {"model": "m", "batch_size": 8, "grad_accum": 2},
+        "commands": ["steer-fast reproduce --tasks listops"],
+        "model_parameters": 1000,
+        "environment": {"versions": {"torch": "2"}, "machine": {"processor": "cpu"}},
+        "tasks": {"listops": {"train": 640, "validation": 100, "test": N}},
+        "skipped": {},
+        "runs": list(runs),
+    }
 
 
 SYNTHETIC = results(
@@ -61,9 +81,9 @@ def test_learning_rate_is_chosen_on_validation():
     summary = report.summarize(SYNTHETIC)["listops"]["full"]
     assert [r["learning_rate"] for r in summary.runs] == [3e-5]
     assert "seed 0: {1e-05: 40.0, 3e-05: 55.0, 0.0001: 45.0} -> 3e-05" in report.build_report(
-        SYNTHETIC)
-    tie = [run("lora", 0.3, rate=1e-3, validation=0.5), run("lora", 0.4, rate=1e-4,
-                                                            validation=0.5)]
+        SYNTHETIC
+    )
+    tie = [run("lora", 0.3, rate=1e-3, validation=0.5), run("lora", 0.4, rate=1e-4, validation=0.5)]
     assert report.choose(tie)["learning_rate"] == 1e-4  # the smaller rate on a tie
 
 
@@ -89,8 +109,9 @@ def test_claims_are_shown_as_measured():
 
 
 def test_cost_columns_and_seeds():
-    two_seeds = results(run("full", 0.5, rate=1e-5), run("full", 0.6, seed=1, rate=1e-5),
-                        run("steer_silu", 0.5))
+    two_seeds = results(
+        run("full", 0.5, rate=1e-5), run("full", 0.6, seed=1, rate=1e-5), run("steer_silu", 0.5)
+    )
     text = report.build_report(two_seeds)
     assert "| task | method | s/step | peak memory | learning rate |" in text
     assert "| listops | full | 4.00 | 3.00 GiB | 1e-05 |" in text

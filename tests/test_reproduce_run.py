@@ -22,11 +22,38 @@ from steer_fast.reproduce.train import TrainSettings, data_order  # noqa: E402
 
 # Methods whose model is the base model at initialisation (B = 0, U = 0, zero vectors): with the
 # same data order their first training loss is the same number.
-IDENTITY_AT_INIT = ("full", "lora", "steer_silu", "steer_identity", "steer_vector", "steer_mlp",
-                    "steer_attn", "joint_orth", "joint_plain")
-SMALL = ["--tasks", "listops", "--steps", "3", "--train-size", "8", "--validation-size", "3",
-         "--test-size", "4", "--batch-size", "2", "--grad-accum", "2", "--listops-max-tokens", "6",
-         "--eval-batch-size", "4", "--no-progress"]
+IDENTITY_AT_INIT = (
+    "full",
+    "lora",
+    "steer_silu",
+    "steer_identity",
+    "steer_vector",
+    "steer_mlp",
+    "steer_attn",
+    "joint_orth",
+    "joint_plain",
+)
+SMALL = [
+    "--tasks",
+    "listops",
+    "--steps",
+    "3",
+    "--train-size",
+    "8",
+    "--validation-size",
+    "3",
+    "--test-size",
+    "4",
+    "--batch-size",
+    "2",
+    "--grad-accum",
+    "2",
+    "--listops-max-tokens",
+    "6",
+    "--eval-batch-size",
+    "4",
+    "--no-progress",
+]
 
 
 def char_tokenizer():
@@ -42,8 +69,13 @@ def char_tokenizer():
     backend = Tokenizer(token_models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +105,28 @@ def test_every_method_end_to_end(tiny_model_dir, tmp_path):
     assert run_cli([*SMALL, "--model", str(tiny_model_dir), "--out", str(out), *grid]) == 0
     results = load(out)
     runs = {(r["method"], r["learning_rate"]): r for r in results["runs"]}
-    expected = {("base", None), ("full", 1e-4), ("full", 1e-3), ("lora", 1e-3),
-                ("loreft", 1e-3), ("loreft", 4e-3)}
-    expected |= {(m.name, m.learning_rates[0]) for m in methods.METHODS.values()
-                 if m.trains and m.name not in ("full", "lora", "loreft")}
+    expected = {
+        ("base", None),
+        ("full", 1e-4),
+        ("full", 1e-3),
+        ("lora", 1e-3),
+        ("loreft", 1e-3),
+        ("loreft", 4e-3),
+    }
+    expected |= {
+        (m.name, m.learning_rates[0])
+        for m in methods.METHODS.values()
+        if m.trains and m.name not in ("full", "lora", "loreft")
+    }
     assert set(runs) == expected
     assert not results["skipped"]
     for (method, _), run in runs.items():
         test = run["test"]
         assert test["total"] == 4 and len(test["outputs"]) == 4
         assert test["accuracy"] == sum(test["marks"]) / 4
-        assert test["stderr"] == pytest.approx(math.sqrt(test["accuracy"] * (1 - test["accuracy"])
-                                                         / 4))
+        assert test["stderr"] == pytest.approx(
+            math.sqrt(test["accuracy"] * (1 - test["accuracy"]) / 4)
+        )
         if method == "base":
             assert run["train"] is None and run["trainable_parameters"] == 0
             continue
@@ -94,9 +136,17 @@ def test_every_method_end_to_end(tiny_model_dir, tmp_path):
         assert train["seconds_per_step"] > 0 and train["peak_memory_bytes"] > 0
         assert (run.get("validation") is not None) == (method in ("full", "loreft"))
     # The same data order and a model that is the base model at init: the same first loss.
-    first = [runs[(m, methods.METHODS[m].learning_rates[0] if m not in ("full", "lora")
-                   else {"full": 1e-4, "lora": 1e-3}[m])]["train"]["losses"][0]
-             for m in IDENTITY_AT_INIT]
+    first = [
+        runs[
+            (
+                m,
+                methods.METHODS[m].learning_rates[0]
+                if m not in ("full", "lora")
+                else {"full": 1e-4, "lora": 1e-3}[m],
+            )
+        ]["train"]["losses"][0]
+        for m in IDENTITY_AT_INIT
+    ]
     assert first == pytest.approx([first[0]] * len(first), rel=1e-5)
     share = {method: run["trainable_percent"] for (method, _), run in runs.items()}
     assert share["full"] == 100.0
@@ -115,8 +165,7 @@ def test_every_method_end_to_end(tiny_model_dir, tmp_path):
     for png in ("accuracy.png", "loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     environment = results["environment"]
-    assert set(environment["versions"]) >= {"torch", "transformers", "peft", "pyreft",
-                                             "steer-fast"}
+    assert set(environment["versions"]) >= {"torch", "transformers", "peft", "pyreft", "steer-fast"}
     assert environment["machine"]["cpu_count"] >= 1
     assert results["commands"][0].startswith("steer-fast --tasks listops")
     assert results["tasks"]["listops"]["test"] == 4
@@ -124,8 +173,18 @@ def test_every_method_end_to_end(tiny_model_dir, tmp_path):
 
 def test_resume_after_interruption(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    argv = [*SMALL, "--model", str(tiny_model_dir), "--out", str(out), "--no-memory",
-            "--methods", "base", "steer_silu", "steer_vector"]
+    argv = [
+        *SMALL,
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--no-memory",
+        "--methods",
+        "base",
+        "steer_silu",
+        "steer_vector",
+    ]
     original = runner.run_one
     calls = []
 
@@ -161,15 +220,23 @@ def test_resume_after_interruption(tiny_model_dir, tmp_path, monkeypatch):
     assert load(out)["runs"] == second["runs"]
 
 
-def test_a_method_that_cannot_run_is_skipped_with_its_reason(tiny_model_dir, tmp_path,
-                                                             monkeypatch):
+def test_a_method_that_cannot_run_is_skipped_with_its_reason(tiny_model_dir, tmp_path, monkeypatch):
     def missing():
         raise ImportError("No module named 'pyvene'")
 
     monkeypatch.setattr(methods, "_import_pyreft", missing)
     out = tmp_path / "out"
-    argv = [*SMALL, "--model", str(tiny_model_dir), "--out", str(out), "--no-memory",
-            "--methods", "base", "loreft"]
+    argv = [
+        *SMALL,
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--no-memory",
+        "--methods",
+        "base",
+        "loreft",
+    ]
     assert run_cli(argv) == 0
     results = load(out)
     assert [r["method"] for r in results["runs"]] == ["base"]
@@ -177,23 +244,25 @@ def test_a_method_that_cannot_run_is_skipped_with_its_reason(tiny_model_dir, tmp
     assert "loreft: pyreft cannot be imported" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tasks", "sudoku"], "tasks: unknown task 'sudoku'"),
-    (["--methods", "steer_silu,dora"], "methods: unknown method 'dora'"),
-    (["--lr-grid", "full=fast"], "lr_grid"),
-    (["--lr-grid", "full"], "lr_grid: expected METHOD=LR"),
-    (["--lr-grid", "full=-1e-4"], "lr_grid full: a learning rate must be finite and > 0"),
-    (["--lr-grid", "dora=1e-4"], "lr_grid: unknown method 'dora'"),
-    (["--lr-grid", "base=1e-4"], "lr_grid: base does not train"),
-    (["--validation-size", "0"], "validation_size must be >= 1"),
-    (["--steps", "0"], "steps must be an integer >= 1"),
-    (["--seeds", "one"], "seeds must be integers"),
-    (["--max-length", "10"], "max_length=10 is shorter than an example"),
-    (["--orthogonality-frequency", "0"], "orthogonality_frequency must be an integer >= 1"),
-    (["--orthogonality-frequency", "often"], "orthogonality_frequency must be an integer >= 1"),
-])
-def test_bad_options_exit_2_before_anything_runs(argv, message, tiny_model_dir, tmp_path,
-                                                 capsys):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tasks", "sudoku"], "tasks: unknown task 'sudoku'"),
+        (["--methods", "steer_silu,dora"], "methods: unknown method 'dora'"),
+        (["--lr-grid", "full=fast"], "lr_grid"),
+        (["--lr-grid", "full"], "lr_grid: expected METHOD=LR"),
+        (["--lr-grid", "full=-1e-4"], "lr_grid full: a learning rate must be finite and > 0"),
+        (["--lr-grid", "dora=1e-4"], "lr_grid: unknown method 'dora'"),
+        (["--lr-grid", "base=1e-4"], "lr_grid: base does not train"),
+        (["--validation-size", "0"], "validation_size must be >= 1"),
+        (["--steps", "0"], "steps must be an integer >= 1"),
+        (["--seeds", "one"], "seeds must be integers"),
+        (["--max-length", "10"], "max_length=10 is shorter than an example"),
+        (["--orthogonality-frequency", "0"], "orthogonality_frequency must be an integer >= 1"),
+        (["--orthogonality-frequency", "often"], "orthogonality_frequency must be an integer >= 1"),
+    ],
+)
+def test_bad_options_exit_2_before_anything_runs(argv, message, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_cli([*SMALL, "--model", str(tiny_model_dir), "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err
@@ -205,8 +274,16 @@ def test_orthogonality_frequency_reaches_the_joint_constraint(tiny_model_dir, tm
     the run differs from the unconstrained one; it is a result setting, so resuming with
     another value is refused."""
     out = tmp_path / "out"
-    argv = [*SMALL, "--model", str(tiny_model_dir), "--out", str(out), "--methods",
-            "joint_orth", "joint_plain"]
+    argv = [
+        *SMALL,
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        "--methods",
+        "joint_orth",
+        "joint_plain",
+    ]
     assert run_cli([*argv, "--orthogonality-frequency", "1"]) == 0
     results = load(out)
     runs = {r["method"]: r for r in results["runs"]}
@@ -232,8 +309,15 @@ def test_bad_model_exits_2_before_anything_trains(tmp_path, capsys, monkeypatch)
 
 
 def test_data_order_depends_on_the_seed_only():
-    settings = TrainSettings(steps=5, batch_size=3, grad_accum=2, learning_rate=1e-3,
-                             schedule="linear", warmup_ratio=0.0, seed=7)
+    settings = TrainSettings(
+        steps=5,
+        batch_size=3,
+        grad_accum=2,
+        learning_rate=1e-3,
+        schedule="linear",
+        warmup_ratio=0.0,
+        seed=7,
+    )
     order = data_order(10, settings)
     assert order == data_order(10, settings)
     assert order != data_order(10, TrainSettings(**{**vars(settings), "seed": 8}))
@@ -243,15 +327,20 @@ def test_data_order_depends_on_the_seed_only():
     assert [p.epoch_start for p in order] == [True, True, False, True, False]
 
 
-@pytest.mark.parametrize("frequency, due", [
-    (100, [0, 100, 200]), (2, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]),
-    ("step", list(range(25))), ("init", [0]), ("epoch", [0, 10, 20]),
-])
+@pytest.mark.parametrize(
+    "frequency, due",
+    [
+        (100, [0, 100, 200]),
+        (2, [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24]),
+        ("step", list(range(25))),
+        ("init", [0]),
+        ("epoch", [0, 10, 20]),
+    ],
+)
 def test_down_projection_is_due_as_the_joint_trainer_applies_it(frequency, due):
     config = methods.OrthogonalityConfig(frequency=frequency)
     steps = 25 if frequency != 100 else 201
-    assert [s for s in range(steps)
-            if methods.down_projection_due(config, s, s % 10 == 0)] == due
+    assert [s for s in range(steps) if methods.down_projection_due(config, s, s % 10 == 0)] == due
     none = methods.OrthogonalityConfig(constraint="none")
     assert not any(methods.down_projection_due(none, s, True) for s in range(5))
 
@@ -261,8 +350,8 @@ def test_loreft_positions_follow_pyreft():
     for length in (3, 14, 40):
         ours = methods.loreft_positions(length)
         theirs = pyreft.get_intervention_locations(
-            last_position=length, first_n=7, last_n=7, num_interventions=1,
-            share_weights=True)[0]
+            last_position=length, first_n=7, last_n=7, num_interventions=1, share_weights=True
+        )[0]
         assert sorted(set(ours)) == sorted(set(p for p in theirs if p >= 0))
         assert len(ours) == 14
     assert methods.loreft_positions(40, offset=5) == [p + 5 for p in methods.loreft_positions(40)]
@@ -286,16 +375,33 @@ def test_every_method_trains_its_own_parameters_only(name):
     before = [p.detach().clone() for p in adapted.parameters]
     frozen = [(p, p.detach().clone()) for p in model.parameters() if id(p) not in trainable]
     assert adapted.trainable_parameters > 0 and (name == "full") == (not frozen)
-    examples = make_task("listops", train_size=4, validation_size=0, test_size=1,
-                         max_tokens=6).train
+    examples = make_task(
+        "listops", train_size=4, validation_size=0, test_size=1, max_tokens=6
+    ).train
     rows = [encode_example(e, tokenizer) for e in examples]
-    settings = TrainSettings(steps=2, batch_size=2, grad_accum=1, learning_rate=1e-2,
-                             schedule="linear", warmup_ratio=0.0, seed=0, measure_memory=False)
-    result = train(adapted, rows, lambda batch: collate(batch, tokenizer.pad_token_id), settings,
-                   progress=False)
+    settings = TrainSettings(
+        steps=2,
+        batch_size=2,
+        grad_accum=1,
+        learning_rate=1e-2,
+        schedule="linear",
+        warmup_ratio=0.0,
+        seed=0,
+        measure_memory=False,
+    )
+    result = train(
+        adapted,
+        rows,
+        lambda batch: collate(batch, tokenizer.pad_token_id),
+        settings,
+        progress=False,
+    )
     assert len(result.losses) == 2 and result.learning_rates[0] == 1e-2
-    unchanged = [i for i, (p, old) in enumerate(zip(adapted.parameters, before))
-                 if torch.equal(p.detach(), old)]
+    unchanged = [
+        i
+        for i, (p, old) in enumerate(zip(adapted.parameters, before))
+        if torch.equal(p.detach(), old)
+    ]
     assert not unchanged, f"{name}: trainable tensors {unchanged} did not change"
     assert all(torch.equal(p.detach(), old) for p, old in frozen)
 

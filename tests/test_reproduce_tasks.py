@@ -48,8 +48,11 @@ def expression_of(example: Example, task: str) -> str:
 
 
 def splits_of(task_splits):
-    return {"train": task_splits.train, "validation": task_splits.validation,
-            "test": task_splits.test}
+    return {
+        "train": task_splits.train,
+        "validation": task_splits.validation,
+        "test": task_splits.test,
+    }
 
 
 def reference_listops(expression: str) -> int:
@@ -64,8 +67,12 @@ def reference_listops(expression: str) -> int:
             if nxt == "]":
                 break
             args.append(node(nxt))
-        ops = {"[MIN": min, "[MAX": max, "[MED": lambda a: int(np.median(a)),
-               "[SM": lambda a: int(np.sum(a) % 10)}
+        ops = {
+            "[MIN": min,
+            "[MAX": max,
+            "[MED": lambda a: int(np.median(a)),
+            "[SM": lambda a: int(np.sum(a) % 10),
+        }
         return ops[token](args)
 
     return node(next(tokens))
@@ -126,8 +133,9 @@ def test_listops_prompt_is_the_published_one():
     example = make_task("listops", train_size=1, validation_size=0, test_size=1).test[0]
     expression = expression_of(example, "listops")
     assert example.prompt == PUBLISHED_LISTOPS_PROMPT + expression + "\n"
-    assert re.fullmatch(r"(\[(MIN|MAX|MED|SM)|\]|[0-9])( (\[(MIN|MAX|MED|SM)|\]|[0-9]))*",
-                        expression)
+    assert re.fullmatch(
+        r"(\[(MIN|MAX|MED|SM)|\]|[0-9])( (\[(MIN|MAX|MED|SM)|\]|[0-9]))*", expression
+    )
 
 
 @pytest.mark.parametrize(
@@ -230,8 +238,9 @@ def test_listops_follows_the_generator_rules():
     assert max(lengths) <= 64 and max(lengths) > 32  # the default limit binds, listops-64
 
 
-@pytest.mark.parametrize("task, limit", [("listops", 12), ("boolean_expressions", 7),
-                                         ("multistep_arithmetic", 9)])
+@pytest.mark.parametrize(
+    "task, limit", [("listops", 12), ("boolean_expressions", 7), ("multistep_arithmetic", 9)]
+)
 def test_max_tokens_limits_the_expression(task, limit):
     splits = make_task(task, train_size=80, validation_size=10, test_size=10, max_tokens=limit)
     lengths = [len(expression_of(e, task).split()) for e in splits.train]
@@ -242,8 +251,10 @@ def test_arithmetic_and_boolean_shapes():
     arithmetic = make_task("multistep_arithmetic", train_size=300, validation_size=0, test_size=1)
     for example in arithmetic.train:
         assert abs(int(example.answer)) <= ARITHMETIC_ANSWER_LIMIT
-        assert re.fullmatch(r"\(\(-?\d( [-+*] -?\d){1,3}\) [-+*] \(-?\d( [-+*] -?\d){1,3}\)\)",
-                            expression_of(example, "multistep_arithmetic"))
+        assert re.fullmatch(
+            r"\(\(-?\d( [-+*] -?\d){1,3}\) [-+*] \(-?\d( [-+*] -?\d){1,3}\)\)",
+            expression_of(example, "multistep_arithmetic"),
+        )
     boolean = make_task("boolean_expressions", train_size=300, validation_size=0, test_size=1)
     constants = collections.Counter(
         len(re.findall(r"True|False", expression_of(e, "boolean_expressions")))

@@ -49,8 +49,10 @@ class VectorInputs:
 
     def converted(self, dtype: torch.dtype) -> VectorInputs:
         """Detached leaf copies in ``dtype`` (same values) that require grad."""
+
         def leaf(t):
             return None if t is None else t.detach().to(dtype).requires_grad_()
+
         return VectorInputs(*[leaf(t) for t in self.tensors()])
 
 
@@ -62,6 +64,7 @@ def make_inputs(
     device: torch.device | str = "cpu",
 ) -> VectorInputs:
     """O(1) random hidden, bias and residual, rounded to ``dtype``, as leaves requiring grad."""
+
     def randn(*size):
         return torch.randn(*size, dtype=torch.float64).to(device=device, dtype=dtype)
 
@@ -79,9 +82,7 @@ def run(fn, inputs: VectorInputs, grad_out: torch.Tensor, scale: float, **kwargs
 
 def run_reference(inputs: VectorInputs, grad_out: torch.Tensor, scale: float):
     """The fp64 eager reference on the same (possibly low-precision) input values."""
-    return run(
-        reference_steering_vector, inputs.converted(torch.float64), grad_out.double(), scale
-    )
+    return run(reference_steering_vector, inputs.converted(torch.float64), grad_out.double(), scale)
 
 
 def check_against_reference(inputs, scale, backend, rel, grad_out=None):
@@ -261,9 +262,9 @@ def test_triton_backward_is_deterministic(device):
     grad_out = torch.randn(2, 150, 200).to(inputs.hidden)
     assert len(kernels.plan_backward(grad_out, 0.5).launches) == 2  # several token splits
     first = run(steering_vector, inputs, grad_out, 0.5, backend="triton")[1][1]
-    second = run(
-        steering_vector, inputs.converted(torch.float32), grad_out, 0.5, backend="triton"
-    )[1][1]
+    second = run(steering_vector, inputs.converted(torch.float32), grad_out, 0.5, backend="triton")[
+        1
+    ][1]
     assert torch.equal(first, second)
 
 
@@ -417,7 +418,7 @@ def test_no_grad_calls_match_autograd_calls(backend, device):
 
 
 def test_auto_backend(launches, device):
-    """"auto" runs the kernels on CUDA tensors and the torch path on CPU tensors."""
+    """ "auto" runs the kernels on CUDA tensors and the torch path on CPU tensors."""
     inputs = make_inputs((4, 24), device=device)
     out = steering_vector(inputs.hidden, inputs.bias, residual=inputs.residual)
     assert launches == ([FORWARD_KERNEL] if device.type == "cuda" else [])
@@ -432,21 +433,32 @@ def test_one_tensor_order_from_the_op_to_the_kernels():
         return [argument.name for argument in schema.arguments]
 
     assert list(inspect.signature(steering_vector).parameters) == [
-        "hidden", "bias", "scale", "residual", "backend"
+        "hidden",
+        "bias",
+        "scale",
+        "residual",
+        "backend",
     ]
     forward = ["hidden", "bias", "residual", "scale"]
     assert names(torch.ops.steer_fast.steering_vector_forward.default._schema) == [
-        *forward, "backend"
+        *forward,
+        "backend",
     ]
     assert names(torch.ops.steer_fast.steering_vector_backward.default._schema) == [
-        "grad_out", "scale", "backend"
+        "grad_out",
+        "scale",
+        "backend",
     ]
     for function in [
-        op_module.torch_forward, kernels.plan_forward, kernels.steering_vector_forward
+        op_module.torch_forward,
+        kernels.plan_forward,
+        kernels.steering_vector_forward,
     ]:
         assert list(inspect.signature(function).parameters)[:4] == forward, function
     for function in [
-        op_module.torch_backward, kernels.plan_backward, kernels.steering_vector_backward
+        op_module.torch_backward,
+        kernels.plan_backward,
+        kernels.steering_vector_backward,
     ]:
         assert list(inspect.signature(function).parameters)[:2] == ["grad_out", "scale"]
     assert "steering_vector" in steer_fast.__all__
@@ -480,7 +492,8 @@ def _bad_call(case: str) -> tuple[dict, str]:
         "scale_bool": (dict(scale=True), "scale"),
         "backend_unknown": (dict(backend="cuda"), "backend"),
         "backend_triton_fp64": (
-            dict(hidden=hidden.double(), bias=bias.double(), residual=None), "hidden"
+            dict(hidden=hidden.double(), bias=bias.double(), residual=None),
+            "hidden",
         ),
     }[case]
     return {**good, **bad[0]}, bad[1]
@@ -489,10 +502,24 @@ def _bad_call(case: str) -> tuple[dict, str]:
 @pytest.mark.parametrize(
     "case",
     [
-        "hidden_not_tensor", "hidden_1d", "hidden_4d", "hidden_int", "hidden_empty_rows",
-        "bias_2d", "bias_length", "bias_dtype", "bias_device", "bias_missing",
-        "residual_shape", "residual_dtype", "scale_nan", "scale_inf", "scale_string",
-        "scale_bool", "backend_unknown", "backend_triton_fp64",
+        "hidden_not_tensor",
+        "hidden_1d",
+        "hidden_4d",
+        "hidden_int",
+        "hidden_empty_rows",
+        "bias_2d",
+        "bias_length",
+        "bias_dtype",
+        "bias_device",
+        "bias_missing",
+        "residual_shape",
+        "residual_dtype",
+        "scale_nan",
+        "scale_inf",
+        "scale_string",
+        "scale_bool",
+        "backend_unknown",
+        "backend_triton_fp64",
     ],
 )
 def test_bad_input_raises_before_any_launch(case, launches):
@@ -508,4 +535,3 @@ def test_fp64_runs_on_the_torch_path():
     check_against_reference(inputs, 0.25, "torch", 1e-12)
     hidden, bias = inputs.hidden.detach(), inputs.bias.detach()
     assert torch.equal(steering_vector(hidden, bias, scale=0.25), hidden + 0.25 * bias)
-

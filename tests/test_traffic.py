@@ -39,7 +39,13 @@ def test_counter_counts_exact_bytes():
     down, up = torch.randn(1, 16), torch.randn(16, 1)
     with TrafficCounter() as traffic:
         kernels.post_block_steer_forward(
-            hidden, down, up, down_bias=None, up_bias=None, residual=None, activation="identity",
+            hidden,
+            down,
+            up,
+            down_bias=None,
+            up_bias=None,
+            residual=None,
+            activation="identity",
             scale=1.0,
         )
     entry = traffic.by_kernel["_post_block_steer_forward_kernel"]

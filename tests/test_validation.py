@@ -47,13 +47,17 @@ BAD_INPUTS = [
     ("scale not a number", {"scale": "1.0"}, "scale"),
     ("scale infinite", {"scale": float("inf")}, "scale"),
     ("scale a bool", {"scale": True}, "scale"),
-    ("fp64 on triton", {"backend": "triton", **{k: v.double() for k, v in _arguments().items()}},
-     "backend"),
+    (
+        "fp64 on triton",
+        {"backend": "triton", **{k: v.double() for k, v in _arguments().items()}},
+        "backend",
+    ),
 ]
 
 
-@pytest.mark.parametrize("change, words", [case[1:] for case in BAD_INPUTS],
-                         ids=[case[0] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "change, words", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS]
+)
 def test_bad_input_raises_before_any_launch(change, words, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the op ran on invalid input")
@@ -61,8 +65,10 @@ def test_bad_input_raises_before_any_launch(change, words, monkeypatch):
     monkeypatch.setattr(steer_fast.ops, "_forward_op", must_not_run)
     monkeypatch.setattr(steer_fast.ops, "_forward_impl", must_not_run)
     arguments = {**_arguments(), "activation": "silu", "scale": 1.0, "backend": "torch", **change}
-    tensors = [arguments.pop(name) for name in
-               ("hidden", "down_weight", "up_weight", "down_bias", "up_bias")]
+    tensors = [
+        arguments.pop(name)
+        for name in ("hidden", "down_weight", "up_weight", "down_bias", "up_bias")
+    ]
     with pytest.raises(ValueError, match=words):
         post_block_steer(*tensors, **arguments)
 
@@ -82,7 +88,9 @@ def test_the_guard_sees_both_entry_points(monkeypatch):
     calls = []
     monkeypatch.setattr(steer_fast.ops, "_forward_impl", lambda *a: calls.append(a) or (a[0], a[0]))
     arguments = _arguments()
-    tensors = [arguments.pop(name) for name in
-               ("hidden", "down_weight", "up_weight", "down_bias", "up_bias")]
+    tensors = [
+        arguments.pop(name)
+        for name in ("hidden", "down_weight", "up_weight", "down_bias", "up_bias")
+    ]
     post_block_steer(*tensors, residual=arguments["residual"], backend="torch")
     assert len(calls) == 1

@@ -112,7 +112,10 @@ def tiny_config(
         return transformers.GemmaConfig(**common, head_dim=8, attention_dropout=dropout)
     if family == "gemma2":
         return transformers.Gemma2Config(
-            **common, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+            **common,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
             attention_dropout=dropout,
         )
     if family == "gemma3_text":
@@ -145,7 +148,9 @@ def tiny_config(
         )
     if family == "starcoder2":
         return transformers.Starcoder2Config(
-            **common, residual_dropout=dropout, embedding_dropout=dropout,
+            **common,
+            residual_dropout=dropout,
+            embedding_dropout=dropout,
             attention_dropout=dropout,
         )
     if family == "gpt2":

@@ -24,7 +24,24 @@ from .runner import BenchmarkRun, run_benchmarks
 from .settings import BenchmarkOptions, BenchmarkSettings, KernelGrid
 
 KERNEL_METHODS, TRAINING_METHODS, INFERENCE_METHODS, MIXED_METHODS = METHODS.values()  # tables
-__all__ = ["INFERENCE_METHODS", "KERNEL_METHODS", "METHODS", "MIXED_METHODS", "PRESETS",
-           "RECORD_FIELDS", "SUITES", "TRAINING_METHODS", "BenchmarkOptions", "BenchmarkRecord",
-           "BenchmarkRun", "BenchmarkSettings", "Candidate", "KernelGrid", "MethodContext",
-           "MethodUnavailable", "ModelPreset", "load_records", "run_benchmarks"]
+__all__ = [
+    "INFERENCE_METHODS",
+    "KERNEL_METHODS",
+    "METHODS",
+    "MIXED_METHODS",
+    "PRESETS",
+    "RECORD_FIELDS",
+    "SUITES",
+    "TRAINING_METHODS",
+    "BenchmarkOptions",
+    "BenchmarkRecord",
+    "BenchmarkRun",
+    "BenchmarkSettings",
+    "Candidate",
+    "KernelGrid",
+    "MethodContext",
+    "MethodUnavailable",
+    "ModelPreset",
+    "load_records",
+    "run_benchmarks",
+]

@@ -68,14 +68,20 @@ def kernel_inputs(case: KernelCase, device: torch.device, seed: int) -> dict[str
         return (values * scale).to(case.dtype).requires_grad_(True)
 
     n, d, r = case.tokens, case.hidden_size, case.rank
-    inputs = dict(hidden=randn(n, d), down_weight=randn(r, d, scale=d**-0.5),
-                  up_weight=randn(d, r, scale=r**-0.5), down_bias=randn(r, scale=0.1),
-                  up_bias=randn(d, scale=0.1), residual=randn(n, d) if case.residual else None)
+    inputs = dict(
+        hidden=randn(n, d),
+        down_weight=randn(r, d, scale=d**-0.5),
+        up_weight=randn(d, r, scale=r**-0.5),
+        down_bias=randn(r, scale=0.1),
+        up_bias=randn(d, scale=0.1),
+        residual=randn(n, d) if case.residual else None,
+    )
     return {**inputs, "grad_out": randn(n, d).detach()}
 
 
-def pass_function(steer: Callable[..., torch.Tensor], case: KernelCase, inputs: dict[str, Any],
-                  pass_: str) -> Callable[[], Any]:
+def pass_function(
+    steer: Callable[..., torch.Tensor], case: KernelCase, inputs: dict[str, Any], pass_: str
+) -> Callable[[], Any]:
     """The timed call: the forward under no_grad, or forward then the gradients of all inputs."""
     arguments = dict(inputs)
     grad_out = arguments.pop("grad_out")
@@ -99,11 +105,16 @@ def estimate_s(ctx: RunContext, flops_per_s: float) -> float:
     methods = [m for m in KERNEL_METHODS.select(s.methods) if expected_to_run(m, s.device)]
     total, plan = (1.0 if methods else 0.0), s.timing["kernel"]
     for case, pass_ in itertools.product(grid_cases(ctx), PASSES):
-        t = (case.flops(pass_) / flops_per_s
-             + 3 * case.min_bytes(pass_) / ELEMENTWISE_BYTES_PER_S[kind])
+        t = (
+            case.flops(pass_) / flops_per_s
+            + 3 * case.min_bytes(pass_) / ELEMENTWISE_BYTES_PER_S[kind]
+        )
         for method in methods:
-            total += ((plan.warmup + plan.repeats_for(t) + 1) * t + PROFILER_S[kind]
-                      + COMPILE_S[kind] * (method.name in COMPILED))
+            total += (
+                (plan.warmup + plan.repeats_for(t) + 1) * t
+                + PROFILER_S[kind]
+                + COMPILE_S[kind] * (method.name in COMPILED)
+            )
     return total
 
 
@@ -115,10 +126,21 @@ def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
     ctx.describe("kernel: copy bandwidth")
     bandwidth = copy_bandwidth(device)
     bytes_per_s = bandwidth.bytes_per_s
-    yield ctx.record("kernel", "copy", "tensor copy (bandwidth probe)", model=KERNEL_MODEL,
-                     batch=1, seq_len=bandwidth.bytes_moved // 2, rank=None, activation=None,
-                     dtype="float32", **bandwidth.timing.record_fields(),
-                     min_bytes=bandwidth.bytes_moved, gbps=bytes_per_s / 1e9, roofline_pct=100.0)
+    yield ctx.record(
+        "kernel",
+        "copy",
+        "tensor copy (bandwidth probe)",
+        model=KERNEL_MODEL,
+        batch=1,
+        seq_len=bandwidth.bytes_moved // 2,
+        rank=None,
+        activation=None,
+        dtype="float32",
+        **bandwidth.timing.record_fields(),
+        min_bytes=bandwidth.bytes_moved,
+        gbps=bytes_per_s / 1e9,
+        roofline_pct=100.0,
+    )
     cases = grid_cases(ctx)
     for index, case in enumerate(cases):
         inputs = kernel_inputs(case, device, ctx.settings.seed)
@@ -130,26 +152,56 @@ def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
             except Exception as error:  # MethodUnavailable, or a failure: the rows say why
                 steers[method.name] = error
         dtype = str(case.dtype).removeprefix("torch.")
-        described = (f"N={case.tokens} d={case.hidden_size} r={case.rank} {case.activation} "
-                     f"{dtype}{' +residual' if case.residual else ''}")
+        described = (
+            f"N={case.tokens} d={case.hidden_size} r={case.rank} {case.activation} "
+            f"{dtype}{' +residual' if case.residual else ''}"
+        )
         for pass_ in PASSES:
             min_bytes = case.min_bytes(pass_)
             roofline_ms = min_bytes / bytes_per_s * 1e3
             row = functools.partial(
-                ctx.record, "kernel", model=KERNEL_MODEL, batch=1, seq_len=case.tokens,
-                rank=case.rank, activation=case.activation, dtype=dtype, pass_=pass_,
-                tokens=case.tokens, hidden_size=case.hidden_size, residual=case.residual,
-                min_bytes=min_bytes)
-            yield row("roofline", "memory roofline", ms=roofline_ms, ms_min=roofline_ms,
-                      ms_max=roofline_ms, tokens_per_s=case.tokens / (roofline_ms * 1e-3),
-                      gbps=bytes_per_s / 1e9, roofline_pct=100.0)
-            calls = {name: Call(pass_function(steer, case, inputs, pass_))
-                     for name, steer in steers.items() if not isinstance(steer, Exception)}
+                ctx.record,
+                "kernel",
+                model=KERNEL_MODEL,
+                batch=1,
+                seq_len=case.tokens,
+                rank=case.rank,
+                activation=case.activation,
+                dtype=dtype,
+                pass_=pass_,
+                tokens=case.tokens,
+                hidden_size=case.hidden_size,
+                residual=case.residual,
+                min_bytes=min_bytes,
+            )
+            yield row(
+                "roofline",
+                "memory roofline",
+                ms=roofline_ms,
+                ms_min=roofline_ms,
+                ms_max=roofline_ms,
+                tokens_per_s=case.tokens / (roofline_ms * 1e-3),
+                gbps=bytes_per_s / 1e9,
+                roofline_pct=100.0,
+            )
+            calls = {
+                name: Call(pass_function(steer, case, inputs, pass_))
+                for name, steer in steers.items()
+                if not isinstance(steer, Exception)
+            }
             ctx.describe(f"kernel {index + 1}/{len(cases)}: {pass_} {described}")
             groups = [calls] if ctx.settings.interleave else [{n: c} for n, c in calls.items()]
-            timings = {name: timing for group in groups for name, timing in measure_interleaved(
-                group, device, ctx.settings.timing["kernel"], flush_l2=True,
-                on_round=ctx.timing_left).items()}
+            timings = {
+                name: timing
+                for group in groups
+                for name, timing in measure_interleaved(
+                    group,
+                    device,
+                    ctx.settings.timing["kernel"],
+                    flush_l2=True,
+                    on_round=ctx.timing_left,
+                ).items()
+            }
             for method in methods:
                 try:
                     unwrap(steers[method.name])
@@ -159,11 +211,17 @@ def run_kernel_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
                     yield row(method.name, method.label, **not_run(error))
                     continue
                 seconds = timing.median_ms * 1e-3
-                yield row(method.name, method.label, **timing.record_fields(),
-                          tokens_per_s=case.tokens / seconds, peak_mem_bytes=peak,
-                          memory_measure=MEASURES[device.type], gbps=min_bytes / seconds / 1e9,
-                          roofline_pct=100.0 * roofline_ms / timing.median_ms,
-                          backend=BACKENDS.get(method.name))
+                yield row(
+                    method.name,
+                    method.label,
+                    **timing.record_fields(),
+                    tokens_per_s=case.tokens / seconds,
+                    peak_mem_bytes=peak,
+                    memory_measure=MEASURES[device.type],
+                    gbps=min_bytes / seconds / 1e9,
+                    roofline_pct=100.0 * roofline_ms / timing.median_ms,
+                    backend=BACKENDS.get(method.name),
+                )
         del inputs, resident, steers, calls
         release_memory(device)
         ctx.part_done((index + 1) / len(cases))

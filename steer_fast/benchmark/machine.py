@@ -41,8 +41,10 @@ def calibration_ms(device: torch.device) -> float:
     """Milliseconds of the fixed calibration loop on ``device``, with the current thread count
     (on CUDA, many times the products, so that the loop is not all launch overhead)."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(_CALIBRATION_SIZE, _CALIBRATION_SIZE, generator=generator).to(device)
-            for _ in range(2))
+    a, b = (
+        torch.randn(_CALIBRATION_SIZE, _CALIBRATION_SIZE, generator=generator).to(device)
+        for _ in range(2)
+    )
     products = _products(device)
     torch.mm(a, b)
     synchronize(device)
@@ -87,13 +89,17 @@ class MachineCheck:
         """One sentence per sign of a busy machine (none on a quiet one)."""
         found = []
         if self.load_before is not None and self.load_before > BUSY_LOAD_PER_CORE * self.cores:
-            found.append(f"the 1-minute load average was {self.load_before:.2f} on {self.cores} "
-                         f"cores before the run (above {BUSY_LOAD_PER_CORE * self.cores:g}): "
-                         "other processes were competing for the CPU")
+            found.append(
+                f"the 1-minute load average was {self.load_before:.2f} on {self.cores} "
+                f"cores before the run (above {BUSY_LOAD_PER_CORE * self.cores:g}): "
+                "other processes were competing for the CPU"
+            )
         if self.drift > CALIBRATION_DRIFT:
-            found.append(f"the calibration loop took {self._times()}: "
-                         f"{self.drift:.0%} apart (over {CALIBRATION_DRIFT:.0%}), so the machine's "
-                         "speed changed during the run")
+            found.append(
+                f"the calibration loop took {self._times()}: "
+                f"{self.drift:.0%} apart (over {CALIBRATION_DRIFT:.0%}), so the machine's "
+                "speed changed during the run"
+            )
         return found
 
     def _times(self) -> str:
@@ -103,8 +109,11 @@ class MachineCheck:
 
     def note(self) -> str:
         """The report's line on the machine's state."""
-        loads = " / ".join("n/a" if v is None else f"{v:.2f}"
-                           for v in (self.load_before, self.load_after))
-        return (f"- Machine check: 1-minute load average before / after the run {loads} "
-                f"({self.cores} cores; the value after includes this run); calibration loop "
-                f"(fixed matrix products) {self._times()}")
+        loads = " / ".join(
+            "n/a" if v is None else f"{v:.2f}" for v in (self.load_before, self.load_after)
+        )
+        return (
+            f"- Machine check: 1-minute load average before / after the run {loads} "
+            f"({self.cores} cores; the value after includes this run); calibration loop "
+            f"(fixed matrix products) {self._times()}"
+        )

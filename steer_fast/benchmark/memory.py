@@ -31,19 +31,22 @@ from torch import nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-_RESIDENT = ("the method's resident tensors at the start of the call (parameters, buffers, "
-             "gradients, optimizer state, inputs) + the peak increase during the call")
+_RESIDENT = (
+    "the method's resident tensors at the start of the call (parameters, buffers, "
+    "gradients, optimizer state, inputs) + the peak increase during the call"
+)
 # What a record's memory_measure says, by device type.
 MEASURES = {
     "cpu": f"{_RESIDENT}, from the running sum of CPU allocator events recorded by "
-           "torch.profiler(profile_memory=True)",
+    "torch.profiler(profile_memory=True)",
     "cuda": f"{_RESIDENT}, torch.cuda.max_memory_allocated (reset before the call) minus "
-            "torch.cuda.memory_allocated at its start",
+    "torch.cuda.memory_allocated at its start",
 }
 
 
-def measure_peak_memory(fn: Callable[[], Any], device: torch.device,
-                        resident: Iterable[Any] = ()) -> int:
+def measure_peak_memory(
+    fn: Callable[[], Any], device: torch.device, resident: Iterable[Any] = ()
+) -> int:
     """Run ``fn()`` once and return the peak bytes it held (see the module docstring)."""
     gc.collect()
     resident_bytes = resident_tensor_bytes(resident)
@@ -71,8 +74,11 @@ def cpu_allocator_events(fn: Callable[[], Any]) -> list[tuple[float, int]]:
         p.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text(encoding="utf-8"))["traceEvents"]
     cpu = int(DeviceType.CPU)
-    return [(e["ts"], e["args"]["Bytes"]) for e in events
-            if e.get("name") == "[memory]" and e["args"].get("Device Type") == cpu]
+    return [
+        (e["ts"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == cpu
+    ]
 
 
 def peak_running_sum(events: Iterable[tuple[float, int]]) -> int:
@@ -84,8 +90,9 @@ def peak_running_sum(events: Iterable[tuple[float, int]]) -> int:
 
 def resident_tensor_bytes(objects: Iterable[Any]) -> int:
     """Bytes of the distinct storages reachable from modules, optimizers and tensors."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in _tensors(objects)}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(objects)
+    }
     return sum(storages.values())
 
 
@@ -97,8 +104,10 @@ def _tensors(objects: Iterable[Any]) -> Iterator[torch.Tensor]:
             # nn.Module's own methods, module by module: wrappers such as pyvene's
             # IntervenableModel override named_parameters() to hide the frozen base weights.
             for module in obj.modules():
-                for _, tensor in (*nn.Module.named_parameters(module, recurse=False),
-                                  *nn.Module.named_buffers(module, recurse=False)):
+                for _, tensor in (
+                    *nn.Module.named_parameters(module, recurse=False),
+                    *nn.Module.named_buffers(module, recurse=False),
+                ):
                     yield tensor
                     if tensor.grad is not None:
                         yield tensor.grad

@@ -30,8 +30,10 @@ from ..reference import reference_post_block_steer
 from . import mixed_methods as mixed
 from .models import ModelSpec, build_model
 
-TRITON_NEEDS_CUDA = ("the fused Triton kernels need CUDA; on the CPU they run only under the "
-                     "Triton interpreter, whose timings are not meaningful")
+TRITON_NEEDS_CUDA = (
+    "the fused Triton kernels need CUDA; on the CPU they run only under the "
+    "Triton interpreter, whose timings are not meaningful"
+)
 LORA_QV = ["q_proj", "v_proj"]
 # LoRA of the joint method: q, v and the two residual writers, so that the orthogonality
 # constraint has B matrices to act on in every layer.
@@ -82,8 +84,9 @@ class Method(NamedTuple):
 class MethodTable(dict[str, Method]):
     """One suite's methods by name, in registration order (the order of the report's rows)."""
 
-    def register(self, name: str, label: str, cuda_only: bool = False
-                 ) -> Callable[[Callable], Callable]:
+    def register(
+        self, name: str, label: str, cuda_only: bool = False
+    ) -> Callable[[Callable], Callable]:
         """A decorator that adds ``setup`` under ``name``."""
         if name in self:
             raise ValueError(f"method {name!r} is already registered")
@@ -139,8 +142,9 @@ def hooks_candidate(ctx: MethodContext) -> Candidate:
     same config from the same model and seed (so the same weights), then taken off the model
     with ``unload()``; only their ``down`` and ``up`` linears are used, by the hooks.
     """
-    steered = get_steer_model(ctx.fresh_model(), SteerConfig(rank=ctx.rank,
-                                                             activation=ctx.activation))
+    steered = get_steer_model(
+        ctx.fresh_model(), SteerConfig(rank=ctx.rank, activation=ctx.activation)
+    )
     adapters = steered.get_adapters()
     model = steered.unload().requires_grad_(False)
     _, layers = find_decoder_layers(model)
@@ -150,21 +154,29 @@ def hooks_candidate(ctx: MethodContext) -> Candidate:
             if isinstance(output, tuple):  # layers that also return attention weights or a cache
                 return (_steer_output(adapter, output[0]), *output[1:])
             return _steer_output(adapter, output)
+
         return steer
 
     for index, adapter in adapters.items():
         layers[index].register_forward_hook(hook(adapter))
     steering = nn.ModuleList(adapters.values()).requires_grad_(True)
-    return Candidate(nn.ModuleDict(dict(model=model, steering=steering)), model,
-                     _trainable(steering))
+    return Candidate(
+        nn.ModuleDict(dict(model=model, steering=steering)), model, _trainable(steering)
+    )
 
 
 def lora_config(ctx: MethodContext, target_modules: list[str] | str):
     """PEFT LoRA at the same rank, no dropout (scale alpha / r = 1)."""
     from peft import LoraConfig  # imported on first use, as steer_fast imports its joint model
 
-    return LoraConfig(r=ctx.rank, lora_alpha=ctx.rank, lora_dropout=0.0,
-                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=ctx.rank,
+        lora_alpha=ctx.rank,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def lora_candidate(ctx: MethodContext, target_modules: list[str] | str, merge=False) -> Candidate:
@@ -187,13 +199,20 @@ def loreft_candidate(ctx: MethodContext) -> Candidate:
     with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints a notice on import
         import pyreft
 
-    representations = [{
-        "layer": layer, "component": "block_output", "low_rank_dimension": ctx.rank,
-        "intervention": pyreft.LoreftIntervention(
-            embed_dim=ctx.spec.hidden_size, low_rank_dimension=ctx.rank, dtype=ctx.spec.dtype),
-    } for layer in range(ctx.spec.num_layers)]
-    reft_model = pyreft.get_reft_model(ctx.fresh_model(),
-                                       pyreft.ReftConfig(representations=representations))
+    representations = [
+        {
+            "layer": layer,
+            "component": "block_output",
+            "low_rank_dimension": ctx.rank,
+            "intervention": pyreft.LoreftIntervention(
+                embed_dim=ctx.spec.hidden_size, low_rank_dimension=ctx.rank, dtype=ctx.spec.dtype
+            ),
+        }
+        for layer in range(ctx.spec.num_layers)
+    ]
+    reft_model = pyreft.get_reft_model(
+        ctx.fresh_model(), pyreft.ReftConfig(representations=representations)
+    )
     n_interventions = len(reft_model.interventions)
 
     @functools.cache
@@ -201,9 +220,12 @@ def loreft_candidate(ctx: MethodContext) -> Candidate:
         return {"sources->base": (None, [[list(range(length))] * batch] * n_interventions)}
 
     def forward(input_ids, labels=None, use_cache=None, **model_kwargs):
-        return reft_model({"input_ids": input_ids, **model_kwargs},
-                          unit_locations=every_position(*input_ids.shape), labels=labels,
-                          use_cache=use_cache)[1]
+        return reft_model(
+            {"input_ids": input_ids, **model_kwargs},
+            unit_locations=every_position(*input_ids.shape),
+            labels=labels,
+            use_cache=use_cache,
+        )[1]
 
     return Candidate(reft_model, forward, _trainable(reft_model))
 
@@ -216,9 +238,11 @@ def joint_candidate(ctx: MethodContext) -> Candidate:
 
     backend = "triton" if ctx.device.type == "cuda" and triton_available() else "torch"
     model = get_joint_model(
-        ctx.fresh_model(), SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend),
+        ctx.fresh_model(),
+        SteerConfig(rank=ctx.rank, activation=ctx.activation, backend=backend),
         lora_config(ctx, JOINT_LORA_TARGETS),
-        OrthogonalityConfig(weight=JOINT_PENALTY_WEIGHT, mode="penalty"))
+        OrthogonalityConfig(weight=JOINT_PENALTY_WEIGHT, mode="penalty"),
+    )
 
     def forward(**model_kwargs):
         output = model(**model_kwargs)
@@ -279,21 +303,29 @@ steer_torch = functools.partial(steer_candidate, backend="torch")
 lora_qv = functools.partial(lora_candidate, target_modules=LORA_QV)
 KERNEL_METHODS = _table(
     ("steer_fast_fused", FUSED, fused_kernel, True),
-    ("steer_fast_torch", TORCH_PATH, lambda device: functools.partial(post_block_steer,
-                                                                      backend="torch")),
+    (
+        "steer_fast_torch",
+        TORCH_PATH,
+        lambda device: functools.partial(post_block_steer, backend="torch"),
+    ),
     ("eager", "unfused eager", lambda device: reference_post_block_steer),
-    ("torch_compile", "torch.compile(unfused)", compiled_reference))
+    ("torch_compile", "torch.compile(unfused)", compiled_reference),
+)
 TRAINING_METHODS = _table(
     ("steer_fast_fused", FUSED, steer_fused, True),
     ("steer_fast_torch", TORCH_PATH, steer_torch),
     ("hooks_eager", HOOKS, hooks_candidate),
     ("lora_qv", "PEFT LoRA q,v", lora_qv),
-    ("lora_all", "PEFT LoRA all-linear", functools.partial(lora_candidate,
-                                                           target_modules="all-linear")),
+    (
+        "lora_all",
+        "PEFT LoRA all-linear",
+        functools.partial(lora_candidate, target_modules="all-linear"),
+    ),
     ("joint", "joint: LoRA q,v,o,down + steer_fast (penalty 0.1)", joint_candidate),
     ("loreft", "pyreft LoReFT", loreft_candidate),
     ("full_ft", "full fine-tuning", full_finetuning_candidate),
-    ("floor", "floor (frozen, input grads)", floor_candidate))
+    ("floor", "floor (frozen, input grads)", floor_candidate),
+)
 INFERENCE_METHODS = _table(
     ("base", "base model", base_candidate),
     ("steer_fast_fused", FUSED, steer_fused, True),
@@ -301,7 +333,8 @@ INFERENCE_METHODS = _table(
     ("hooks_eager", HOOKS, hooks_candidate),
     ("lora_unmerged", "PEFT LoRA q,v unmerged", lora_qv),
     ("lora_merged", "PEFT LoRA q,v merged", functools.partial(lora_qv, merge=True)),
-    ("loreft", "pyreft LoReFT", loreft_candidate))
+    ("loreft", "pyreft LoReFT", loreft_candidate),
+)
 # The mixed suite's (``mixed_methods``): each setup takes a ``MixedSetup``; names ending in
 # "_train" are training steps, the others inference.
 MIXED_METHODS = _table(
@@ -311,8 +344,16 @@ MIXED_METHODS = _table(
     ("steer_separate", "steer_fast, one batch per adapter", mixed.steer_separate),
     ("peft_lora_mixed", "PEFT LoRA mixed batch", mixed.peft_lora_mixed),
     ("steer_mixed_train", "steer_fast mixed-batch training", mixed.steer_mixed_train),
-    ("steer_separate_train", "steer_fast, adapters trained one at a time",
-     mixed.steer_separate_train))
-METHODS = {"kernel": KERNEL_METHODS, "training": TRAINING_METHODS, "inference": INFERENCE_METHODS,
-           "mixed": MIXED_METHODS}
+    (
+        "steer_separate_train",
+        "steer_fast, adapters trained one at a time",
+        mixed.steer_separate_train,
+    ),
+)
+METHODS = {
+    "kernel": KERNEL_METHODS,
+    "training": TRAINING_METHODS,
+    "inference": INFERENCE_METHODS,
+    "mixed": MIXED_METHODS,
+}
 SUITES: tuple[str, ...] = tuple(METHODS)

@@ -124,13 +124,15 @@ class ModelCache:
         return build_model(self.spec, self.device, self.seed).requires_grad_(False).eval()
 
     def _steer(self) -> nn.Module:
-        config = lambda: SteerConfig(rank=self.rank, activation=self.activation,
-                                     backend=steer_backend(self.device))
+        config = lambda: SteerConfig(
+            rank=self.rank, activation=self.activation, backend=steer_backend(self.device)
+        )
         model = get_steer_model(build_model(self.spec, self.device, self.seed), config())
         for name in adapter_names(self.adapters)[1:]:
             model.add_adapter(name, config())
-        randomize([p for _, p in sorted(model.named_parameters()) if p.requires_grad],
-                  self.seed + 1)
+        randomize(
+            [p for _, p in sorted(model.named_parameters()) if p.requires_grad], self.seed + 1
+        )
         return model.eval()
 
     def _peft(self) -> nn.Module:
@@ -138,13 +140,15 @@ class ModelCache:
         for the model type (target_modules=None), adapters "default", "a1", ..."""
         from peft import LoraConfig, get_peft_model  # imported on first use
 
-        config = lambda: LoraConfig(r=self.rank, lora_alpha=self.rank, lora_dropout=0.0,
-                                    bias="none", task_type="CAUSAL_LM")
+        config = lambda: LoraConfig(
+            r=self.rank, lora_alpha=self.rank, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"
+        )
         model = get_peft_model(build_model(self.spec, self.device, self.seed), config())
         for name in adapter_names(self.adapters)[1:]:
             model.add_adapter(name, config())
-        randomize([p for name, p in sorted(model.named_parameters()) if "lora_" in name],
-                  self.seed + 2)
+        randomize(
+            [p for name, p in sorted(model.named_parameters()) if "lora_" in name], self.seed + 2
+        )
         return model.eval()
 
 
@@ -180,8 +184,11 @@ class MixedSetup:
         rows: dict[str, list[int]] = {}
         for index, name in enumerate(self.row_names):
             rows.setdefault(name, []).append(index)
-        return {name: torch.tensor(rows[name], device=self.tokens.device)
-                for name in self.names if name in rows}
+        return {
+            name: torch.tensor(rows[name], device=self.tokens.device)
+            for name in self.names
+            if name in rows
+        }
 
 
 class Part(NamedTuple):
@@ -228,8 +235,12 @@ def whole(setup: MixedSetup, before: Callable[[], Any] = _nothing, **kwargs: Any
 def per_adapter(setup: MixedSetup, set_adapter: Callable[[str], Any]) -> list[Part]:
     """One sub-batch per adapter that has rows, its adapter set before it runs."""
     rows = setup.tokens.shape[0]
-    return [Part(index, setup.tokens[index], functools.partial(set_adapter, name), {},
-                 len(index) / rows) for name, index in setup.groups().items()]
+    return [
+        Part(
+            index, setup.tokens[index], functools.partial(set_adapter, name), {}, len(index) / rows
+        )
+        for name, index in setup.groups().items()
+    ]
 
 
 def cache_argument(module: nn.Module) -> tuple[str, dict[str, Any]]:
@@ -249,28 +260,30 @@ def prefill(forward: Callable[..., Any], parts: list[Part], keep: dict[str, Any]
     return outputs
 
 
-def decode(forward: Callable[..., Any], parts: list[Part], cache: str, steps: int,
-           outputs: list[Any]) -> Any:
+def decode(
+    forward: Callable[..., Any], parts: list[Part], cache: str, steps: int, outputs: list[Any]
+) -> Any:
     """Greedy decoding of ``steps`` tokens through the cache, sub-batch after sub-batch."""
     output = None
     for part, output in zip(parts, outputs):
         part.before()
         for _ in range(steps):
             token = output.logits[:, -1:].argmax(dim=-1)
-            output = forward(input_ids=token, use_cache=True, **{cache: getattr(output, cache)},
-                             **part.kwargs)
+            output = forward(
+                input_ids=token, use_cache=True, **{cache: getattr(output, cache)}, **part.kwargs
+            )
     return output
 
 
-def train_step(forward: Callable[..., Any], parts: list[Part],
-               optimizer: torch.optim.Optimizer | None) -> None:
+def train_step(
+    forward: Callable[..., Any], parts: list[Part], optimizer: torch.optim.Optimizer | None
+) -> None:
     """Forward and backward of each sub-batch (its loss weighted by its share of the rows, so
     that the gradients are those of the whole batch's mean loss), then one AdamW step."""
     output = None
     for part in parts:
         part.before()
-        output = forward(input_ids=part.tokens, labels=part.tokens, use_cache=False,
-                         **part.kwargs)
+        output = forward(input_ids=part.tokens, labels=part.tokens, use_cache=False, **part.kwargs)
         (output.loss if part.weight == 1.0 else output.loss * part.weight).backward()
     if optimizer is not None:  # the last output (logits included) stays alive through the update
         optimizer.step()
@@ -278,20 +291,25 @@ def train_step(forward: Callable[..., Any], parts: list[Part],
     del output
 
 
-def inference_phases(setup: MixedSetup, module: nn.Module, forward: Callable[..., Any],
-                     parts: list[Part]) -> dict[str, Timed]:
+def inference_phases(
+    setup: MixedSetup, module: nn.Module, forward: Callable[..., Any], parts: list[Part]
+) -> dict[str, Timed]:
     """The prefill of the [B, T] prompt, and the greedy decode of ``setup.decode_tokens``
     tokens per row from a fresh (untimed) prefill."""
     cache, keep = cache_argument(module)
     rows, steps = setup.tokens.shape[0], setup.decode_tokens
     start = functools.partial(prefill, forward, parts, keep)
-    return {"prefill": Timed(Call(start), setup.tokens.numel()),
-            "decode": Timed(Call(functools.partial(decode, forward, parts, cache, steps),
-                                 setup=start), rows, steps)}
+    return {
+        "prefill": Timed(Call(start), setup.tokens.numel()),
+        "decode": Timed(
+            Call(functools.partial(decode, forward, parts, cache, steps), setup=start), rows, steps
+        ),
+    }
 
 
-def check_logits(module: nn.Module, forward: Callable[..., Any], parts: list[Part],
-                 rows: int) -> list[torch.Tensor]:
+def check_logits(
+    module: nn.Module, forward: Callable[..., Any], parts: list[Part], rows: int
+) -> list[torch.Tensor]:
     """What the correctness check compares, in row order: the logits at every position of each
     row's first ``CHECK_TOKENS`` tokens, and those of one more token decoded through the cache."""
     cache, _ = cache_argument(module)
@@ -300,12 +318,15 @@ def check_logits(module: nn.Module, forward: Callable[..., Any], parts: list[Par
         part.before()
         tokens = part.tokens[:, :CHECK_TOKENS]
         output = forward(input_ids=tokens, use_cache=True, **part.kwargs)
-        step = forward(input_ids=tokens[:, :1], use_cache=True,
-                       **{cache: getattr(output, cache)}, **part.kwargs)
+        step = forward(
+            input_ids=tokens[:, :1],
+            use_cache=True,
+            **{cache: getattr(output, cache)},
+            **part.kwargs,
+        )
         prefills.append(output.logits.float())
         steps.append(step.logits.float())
-        order.append(torch.arange(rows, device=tokens.device) if part.rows is None
-                     else part.rows)
+        order.append(torch.arange(rows, device=tokens.device) if part.rows is None else part.rows)
     inverse = torch.cat(order).argsort()
     return [torch.cat(prefills)[inverse], torch.cat(steps)[inverse]]
 
@@ -314,20 +335,28 @@ def largest(tensors: Sequence[torch.Tensor]) -> float:
     return max(float(t.abs().max()) for t in tensors)
 
 
-def check_same(what: str, got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor],
-               dtype: torch.dtype, floor: float = 1.0) -> None:
+def check_same(
+    what: str,
+    got: Sequence[torch.Tensor],
+    expected: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    floor: float = 1.0,
+) -> None:
     """Raise RuntimeError when ``got`` differs from ``expected`` by more than ``TOLERANCE``
     times the largest |expected| value (or ``floor``, if larger)."""
-    error = max(float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected,
-                                                                            strict=True))
+    error = max(
+        float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected, strict=True)
+    )
     tolerance = TOLERANCE[dtype] * max(largest(expected), floor)
     if not error <= tolerance:  # NaN fails too
-        raise RuntimeError(f"{what}: max |difference| {error:.3g} over the tolerance "
-                           f"{tolerance:.3g}")
+        raise RuntimeError(
+            f"{what}: max |difference| {error:.3g} over the tolerance {tolerance:.3g}"
+        )
 
 
-def check_steers(what: str, steered: Sequence[torch.Tensor], base: Sequence[torch.Tensor],
-                 dtype: torch.dtype) -> None:
+def check_steers(
+    what: str, steered: Sequence[torch.Tensor], base: Sequence[torch.Tensor], dtype: torch.dtype
+) -> None:
     """Raise RuntimeError unless ``steered`` is finite and differs from ``base`` by more than
     twice the tolerance: adapters that act as the identity would time nothing."""
     if not all(bool(torch.isfinite(t).all()) for t in steered):
@@ -335,8 +364,10 @@ def check_steers(what: str, steered: Sequence[torch.Tensor], base: Sequence[torc
     change = max(float((s - b).abs().max()) for s, b in zip(steered, base, strict=True))
     tolerance = TOLERANCE[dtype] * max(largest(base), 1.0)
     if not change > 2 * tolerance:
-        raise RuntimeError(f"{what}: the adapters leave the logits unchanged (max |change| "
-                           f"{change:.3g}); they act as the identity")
+        raise RuntimeError(
+            f"{what}: the adapters leave the logits unchanged (max |change| "
+            f"{change:.3g}); they act as the identity"
+        )
 
 
 def _adapter_params(module: nn.Module, is_adapter: Callable[[str], bool]) -> int:
@@ -359,16 +390,21 @@ def _steered(setup: MixedSetup) -> tuple[nn.Module, list[torch.Tensor], list[tor
 
 
 def _steer_candidate(setup: MixedSetup, model: nn.Module, parts: list[Part]) -> MixedCandidate:
-    return MixedCandidate(model, inference_phases(setup, model, model, parts),
-                          sum(p.numel() for p in model.parameters() if p.requires_grad),
-                          steer_backend(setup.models.device), [model, setup.tokens])
+    return MixedCandidate(
+        model,
+        inference_phases(setup, model, model, parts),
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+        steer_backend(setup.models.device),
+        [model, setup.tokens],
+    )
 
 
 def base_method(setup: MixedSetup) -> MixedCandidate:
     """The frozen model without adapters: the floor."""
     model = setup.models.get("base")
-    return MixedCandidate(model, inference_phases(setup, model, model, whole(setup)),
-                          resident=[model, setup.tokens])
+    return MixedCandidate(
+        model, inference_phases(setup, model, model, whole(setup)), resident=[model, setup.tokens]
+    )
 
 
 def steer_mixed(setup: MixedSetup, row_names: Sequence[str] | None = None) -> MixedCandidate:
@@ -380,8 +416,12 @@ def steer_mixed(setup: MixedSetup, row_names: Sequence[str] | None = None) -> Mi
     with torch.no_grad():
         got = check_logits(model, model, parts, setup.tokens.shape[0])
     check_steers("steer_fast mixed batch", got, base, setup.dtype)
-    check_same("the mixed batch's logits differ from each adapter run alone on its rows", got,
-               reference, setup.dtype)
+    check_same(
+        "the mixed batch's logits differ from each adapter run alone on its rows",
+        got,
+        reference,
+        setup.dtype,
+    )
     return _steer_candidate(setup, model, parts)
 
 
@@ -417,11 +457,19 @@ def peft_lora_mixed(setup: MixedSetup) -> MixedCandidate:
             base = check_logits(model, model, whole(setup), rows)
         got = check_logits(model, model, parts, rows)
     check_steers("PEFT LoRA mixed batch", got, base, setup.dtype)
-    check_same("PEFT's mixed batch's logits differ from each adapter run alone on its rows", got,
-               reference, setup.dtype)
-    return MixedCandidate(model, inference_phases(setup, model, model, parts),
-                          _adapter_params(model, lambda name: "lora_" in name), None,
-                          [model, setup.tokens])
+    check_same(
+        "PEFT's mixed batch's logits differ from each adapter run alone on its rows",
+        got,
+        reference,
+        setup.dtype,
+    )
+    return MixedCandidate(
+        model,
+        inference_phases(setup, model, model, parts),
+        _adapter_params(model, lambda name: "lora_" in name),
+        None,
+        [model, setup.tokens],
+    )
 
 
 def _gradients(model: nn.Module, parts: list[Part]) -> list[torch.Tensor]:
@@ -429,8 +477,7 @@ def _gradients(model: nn.Module, parts: list[Part]) -> list[torch.Tensor]:
     that got none), then cleared."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     train_step(model, parts, None)
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-             for p in trainable]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in trainable]
     for parameter in trainable:
         parameter.grad = None
     if not all(bool(torch.isfinite(g).all()) for g in grads):
@@ -444,13 +491,16 @@ def _training(setup: MixedSetup, parts: list[Part]) -> MixedCandidate:
     optimizer = torch.optim.AdamW(trainable, lr=setup.learning_rate, weight_decay=0.0)
     model.train()
     step = functools.partial(train_step, model, parts, optimizer)
-    return MixedCandidate(model, {"train": Timed(Call(step), setup.tokens.numel())},
-                          sum(p.numel() for p in trainable), steer_backend(setup.models.device),
-                          [model, optimizer, setup.tokens])
+    return MixedCandidate(
+        model,
+        {"train": Timed(Call(step), setup.tokens.numel())},
+        sum(p.numel() for p in trainable),
+        steer_backend(setup.models.device),
+        [model, optimizer, setup.tokens],
+    )
 
 
-def steer_mixed_train(setup: MixedSetup, row_names: Sequence[str] | None = None
-                      ) -> MixedCandidate:
+def steer_mixed_train(setup: MixedSetup, row_names: Sequence[str] | None = None) -> MixedCandidate:
     """One training step (forward, backward, AdamW) over the A adapters with one mixed batch;
     its gradients must equal those of the adapters trained one after another on their rows."""
     model = setup.models.get("steer").train()
@@ -460,8 +510,13 @@ def steer_mixed_train(setup: MixedSetup, row_names: Sequence[str] | None = None
     model.set_adapter(DEFAULT_ADAPTER)
     if largest(reference) == 0:
         raise RuntimeError("the adapters trained one at a time got only zero gradients")
-    check_same("the mixed batch's gradients differ from training each adapter on its rows",
-               _gradients(model, parts), reference, setup.dtype, floor=0.0)
+    check_same(
+        "the mixed batch's gradients differ from training each adapter on its rows",
+        _gradients(model, parts),
+        reference,
+        setup.dtype,
+        floor=0.0,
+    )
     return _training(setup, parts)
 
 

@@ -60,7 +60,7 @@ ADD_ADAPTER_S = {"cpu": 4e-3, "cuda": 5e-3}
 
 
 def kind(method: Method) -> str:
-    """"training" for a method whose name ends in "_train", else "inference"."""
+    """ "training" for a method whose name ends in "_train", else "inference"."""
     return "training" if method.name.endswith("_train") else "inference"
 
 
@@ -72,8 +72,12 @@ def batch_shape(settings: BenchmarkSettings) -> tuple[int, int]:
 
 def cases(settings: BenchmarkSettings) -> list[tuple[int, str]]:
     """The (A, spread) pairs the suite runs, A ascending (skewed at A = 1 only without even)."""
-    return [(count, spread) for count in settings.adapters for spread in settings.spreads
-            if not (count == 1 and spread == "skewed" and "even" in settings.spreads)]
+    return [
+        (count, spread)
+        for count in settings.adapters
+        for spread in settings.spreads
+        if not (count == 1 and spread == "skewed" and "even" in settings.spreads)
+    ]
 
 
 def used_adapters(rows: int, count: int, spread: str) -> int:
@@ -93,9 +97,15 @@ def run_mixed_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
     todo = cases(s)
     # The share of the suite each group is, for the progress bar: one per method, plus one per
     # extra batch of the one-batch-per-adapter methods.
-    weight = {(count, spread, k): sum(1 + (used_adapters(rows, count, spread) - 1)
-                                      * ("separate" in m.name) for m in methods if kind(m) == k)
-              for count, spread in todo for k in KINDS}
+    weight = {
+        (count, spread, k): sum(
+            1 + (used_adapters(rows, count, spread) - 1) * ("separate" in m.name)
+            for m in methods
+            if kind(m) == k
+        )
+        for count, spread in todo
+        for k in KINDS
+    }
     total, done = max(sum(weight.values()), 1), 0
     for count in s.adapters:
         spreads = [spread for c, spread in todo if c == count]
@@ -109,8 +119,9 @@ def run_mixed_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
             models.prebuild(sorted({model_kind(m.name) for m in group}))  # outside the mode
             with mode():
                 for spread in spreads:
-                    setup = MixedSetup(count, spread, tokens, s.decode_tokens, LEARNING_RATE,
-                                       models)
+                    setup = MixedSetup(
+                        count, spread, tokens, s.decode_tokens, LEARNING_RATE, models
+                    )
                     records += _run_group(ctx, group, setup, phases)
                     done += weight[count, spread, name]
                     ctx.part_done(done / total)
@@ -119,20 +130,35 @@ def run_mixed_suite(ctx: RunContext) -> Iterator[BenchmarkRecord]:
             yield from records
 
 
-def _run_group(ctx: RunContext, methods: list[Method], setup: MixedSetup,
-               phases: tuple[str, ...]) -> list[BenchmarkRecord]:
+def _run_group(
+    ctx: RunContext, methods: list[Method], setup: MixedSetup, phases: tuple[str, ...]
+) -> list[BenchmarkRecord]:
     """Set up (and check) every method of one (A, spread), time each phase in rounds across
     them, then measure each one's peak memory per phase."""
     s = ctx.settings
     where = f"{SUITE} A={setup.adapters} {setup.spread}"
-    shape = dict(batch=setup.tokens.shape[0], seq_len=setup.tokens.shape[1],
-                 adapters=setup.adapters, spread=setup.spread)
+    shape = dict(
+        batch=setup.tokens.shape[0],
+        seq_len=setup.tokens.shape[1],
+        adapters=setup.adapters,
+        spread=setup.spread,
+    )
     rows: dict[str, list[BenchmarkRecord]] = {}
     prepared = {}
 
     def not_ran(method: Method, error: Exception, backend: str | None = None) -> None:
-        rows[method.name] = [ctx.record(SUITE, method.name, method.label, phase=phase, **shape,
-                                        **not_run(error), backend=backend) for phase in phases]
+        rows[method.name] = [
+            ctx.record(
+                SUITE,
+                method.name,
+                method.label,
+                phase=phase,
+                **shape,
+                **not_run(error),
+                backend=backend,
+            )
+            for phase in phases
+        ]
 
     for method in methods:
         ctx.describe(f"{where}: setting up {method.name}")
@@ -146,15 +172,24 @@ def _run_group(ctx: RunContext, methods: list[Method], setup: MixedSetup,
         what = f"{len(calls)} methods in rounds" if len(calls) > 1 else "".join(calls)
         ctx.describe(f"{where}: timing {what}, {phase}")
         groups = [calls] if s.interleave else [{name: call} for name, call in calls.items()]
-        timings.append({name: timing for group in groups for name, timing in measure_interleaved(
-            group, s.device, s.timing[SUITE], on_round=ctx.timing_left).items()})
+        timings.append(
+            {
+                name: timing
+                for group in groups
+                for name, timing in measure_interleaved(
+                    group, s.device, s.timing[SUITE], on_round=ctx.timing_left
+                ).items()
+            }
+        )
     ctx.describe(f"{where}: peak memory")
     for method in (m for m in methods if m.name in prepared):
         candidate = prepared[method.name]
         try:
             times = [unwrap(timing[method.name]) for timing in timings]
-            memory = [measure_peak_memory(candidate.phases[phase].call.once, s.device,
-                                          candidate.resident) for phase in phases]
+            memory = [
+                measure_peak_memory(candidate.phases[phase].call.once, s.device, candidate.resident)
+                for phase in phases
+            ]
         except Exception as error:  # a method that fails here still gets rows that say why
             not_ran(method, error, candidate.backend)
             continue
@@ -162,11 +197,21 @@ def _run_group(ctx: RunContext, methods: list[Method], setup: MixedSetup,
         for phase, timing, peak in zip(phases, times, memory):
             timed = candidate.phases[phase]
             fields = timing.record_fields(1.0 / timed.steps)
-            rows[method.name].append(ctx.record(
-                SUITE, method.name, method.label, phase=phase, **shape, **fields,
-                tokens_per_s=timed.tokens / (fields["ms"] * 1e-3), peak_mem_bytes=peak,
-                memory_measure=MEASURES[s.device.type], backend=candidate.backend,
-                trainable_params=candidate.adapter_params))
+            rows[method.name].append(
+                ctx.record(
+                    SUITE,
+                    method.name,
+                    method.label,
+                    phase=phase,
+                    **shape,
+                    **fields,
+                    tokens_per_s=timed.tokens / (fields["ms"] * 1e-3),
+                    peak_mem_bytes=peak,
+                    memory_measure=MEASURES[s.device.type],
+                    backend=candidate.backend,
+                    trainable_params=candidate.adapter_params,
+                )
+            )
     return [row for method in methods for row in rows[method.name]]
 
 
@@ -181,8 +226,9 @@ def _block_s(costs: list[tuple[float, float]], settings: BenchmarkSettings) -> f
     return calls * sum(timed + setup for timed, setup in costs)
 
 
-def _group_s(settings: BenchmarkSettings, probe: MixedProbe, methods: list[Method],
-             count: int, spread: str) -> float:
+def _group_s(
+    settings: BenchmarkSettings, probe: MixedProbe, methods: list[Method], count: int, spread: str
+) -> float:
     """The seconds of one (A, spread) group of ``methods`` (all inference or all training)."""
     rows, _ = batch_shape(settings)
     used = used_adapters(rows, count, spread)
@@ -194,15 +240,20 @@ def _group_s(settings: BenchmarkSettings, probe: MixedProbe, methods: list[Metho
 
     def cost(method: Method, base_s: float, phase: str) -> float:
         separate = "separate" in method.name
-        return (base_s + extra.get(method.name, 0.0)
-                + separate * (used - 1) * calls[phase] * probe.call_s)
+        return (
+            base_s
+            + extra.get(method.name, 0.0)
+            + separate * (used - 1) * calls[phase] * probe.call_s
+        )
 
     if kind(methods[0]) == "training":
         steps = [(cost(m, probe.step_s * 1.3, "train"), 0.0) for m in methods]
         return 3 * sum(timed for timed, _ in steps) + _block_s(steps, settings)  # + the check
     prefills = [(cost(m, probe.prefill_s, "prefill"), 0.0) for m in methods]
-    decodes = [(settings.decode_tokens * cost(m, probe.token_s, "decode"), prefill)
-               for m, (prefill, _) in zip(methods, prefills)]
+    decodes = [
+        (settings.decode_tokens * cost(m, probe.token_s, "decode"), prefill)
+        for m, (prefill, _) in zip(methods, prefills)
+    ]
     check = len(methods) * 2 * (used + 2) * probe.call_s
     return check + _block_s(prefills, settings) + _block_s(decodes, settings)
 
@@ -229,7 +280,7 @@ def estimate_s(ctx: RunContext) -> float:
     for count in s.adapters:
         for name in KINDS:
             built = {models[m.name] for m in methods if kind(m) == name}
-            total += len(built) * probe.build_s + (len(built - {"base"}) * count
-                                                   * ADD_ADAPTER_S[s.device.type]
-                                                   * s.spec.num_layers)
+            total += len(built) * probe.build_s + (
+                len(built - {"base"}) * count * ADD_ADAPTER_S[s.device.type] * s.spec.num_layers
+            )
     return total

@@ -43,8 +43,9 @@ class Phase(NamedTuple):
     steps: int = 1
 
 
-def prepare_step(ctx: RunContext, candidate: Candidate, tokens: torch.Tensor
-                 ) -> tuple[list[Phase], list[Any]]:
+def prepare_step(
+    ctx: RunContext, candidate: Candidate, tokens: torch.Tensor
+) -> tuple[list[Phase], list[Any]]:
     """The training step to time, after one forward and backward that must give every
     trainable parameter a finite gradient."""
     candidate.module.train()
@@ -61,8 +62,9 @@ def prepare_step(ctx: RunContext, candidate: Candidate, tokens: torch.Tensor
     for parameter in candidate.trainable:
         parameter.grad = None
     if missing or broken:
-        raise RuntimeError(f"{missing} trainable tensors got no gradient and {broken} a "
-                           "non-finite one")
+        raise RuntimeError(
+            f"{missing} trainable tensors got no gradient and {broken} a non-finite one"
+        )
 
     def step() -> None:
         output = candidate.forward(input_ids=tokens, labels=tokens, use_cache=False)
@@ -74,8 +76,9 @@ def prepare_step(ctx: RunContext, candidate: Candidate, tokens: torch.Tensor
     return [Phase(None, Call(step), tokens.numel())], [candidate.module, optimizer, tokens]
 
 
-def prepare_generation(ctx: RunContext, candidate: Candidate, prompt: torch.Tensor
-                       ) -> tuple[list[Phase], list[Any]]:
+def prepare_generation(
+    ctx: RunContext, candidate: Candidate, prompt: torch.Tensor
+) -> tuple[list[Phase], list[Any]]:
     """The prefill, and the decode steps from a fresh (untimed) prefill, to time. The KV cache
     goes back in as ``cache`` where the model takes it (as transformers 5.24 does), else as
     ``past_key_values``, and is read from the output field of the same name."""
@@ -91,12 +94,15 @@ def prepare_generation(ctx: RunContext, candidate: Candidate, prompt: torch.Tens
     def decode(output):
         for _ in range(steps):
             token = output.logits[:, -1:].argmax(dim=-1)
-            output = candidate.forward(input_ids=token, use_cache=True,
-                                       **{cache: getattr(output, cache)})
+            output = candidate.forward(
+                input_ids=token, use_cache=True, **{cache: getattr(output, cache)}
+            )
         return output
 
-    phases = [Phase("prefill", Call(prefill), prompt.numel()),
-              Phase("decode", Call(decode, setup=prefill), prompt.shape[0], steps)]
+    phases = [
+        Phase("prefill", Call(prefill), prompt.numel()),
+        Phase("decode", Call(decode, setup=prefill), prompt.shape[0], steps),
+    ]
     return phases, [candidate.module, prompt]
 
 
@@ -137,55 +143,82 @@ class ModelSuite(NamedTuple):
 
     def _rows(self, ctx: RunContext, method: Method, **fields: Any) -> list[BenchmarkRecord]:
         """The rows of a method that did not run, one per phase."""
-        return [ctx.record(self.name, method.name, method.label, phase=phase, **fields)
-                for phase in self.phases]
+        return [
+            ctx.record(self.name, method.name, method.label, phase=phase, **fields)
+            for phase in self.phases
+        ]
 
-    def _run_group(self, ctx: RunContext, methods: list[Method], tokens: torch.Tensor
-                   ) -> list[BenchmarkRecord]:
+    def _run_group(
+        self, ctx: RunContext, methods: list[Method], tokens: torch.Tensor
+    ) -> list[BenchmarkRecord]:
         s, rows, prepared = ctx.settings, {}, {}
         for method in methods:
             ctx.describe(f"{self.name}: setting up {method.name}")
             candidate = None
             try:
-                candidate = method.setup(MethodContext(s.spec, s.device, s.rank, s.activation,
-                                                       s.seed))
+                candidate = method.setup(
+                    MethodContext(s.spec, s.device, s.rank, s.activation, s.seed)
+                )
                 prepared[method.name] = (candidate, *self.prepare(ctx, candidate, tokens))
             except Exception as error:  # a method that cannot be set up gets rows that say why
-                rows[method.name] = self._rows(ctx, method, **not_run(error),
-                                               backend=getattr(candidate, "backend", None))
+                rows[method.name] = self._rows(
+                    ctx, method, **not_run(error), backend=getattr(candidate, "backend", None)
+                )
         timings = []
         for i, phase in enumerate(self.phases):
             what = f"{len(prepared)} methods in rounds" if len(prepared) > 1 else "".join(prepared)
             ctx.describe(f"{self.name}: timing {what}" + (f", {phase}" if phase else ""))
-            timings.append(measure_interleaved({n: p[1][i].call for n, p in prepared.items()},
-                                               s.device, s.timing[self.name],
-                                               on_round=ctx.timing_left))
+            timings.append(
+                measure_interleaved(
+                    {n: p[1][i].call for n, p in prepared.items()},
+                    s.device,
+                    s.timing[self.name],
+                    on_round=ctx.timing_left,
+                )
+            )
         ctx.describe(f"{self.name}: peak memory")
         for method in (m for m in methods if m.name in prepared):
             candidate, phases, resident = prepared[method.name]
             try:
                 times = [unwrap(timing[method.name]) for timing in timings]
-                memory = [measure_peak_memory(phase.call.once, s.device, resident)
-                          for phase in phases]
+                memory = [
+                    measure_peak_memory(phase.call.once, s.device, resident) for phase in phases
+                ]
             except Exception as error:  # a method that fails here still gets rows that say why
-                rows[method.name] = self._rows(ctx, method, **not_run(error),
-                                               backend=candidate.backend)
+                rows[method.name] = self._rows(
+                    ctx, method, **not_run(error), backend=candidate.backend
+                )
                 continue
             rows[method.name] = []
             for phase, timing, peak in zip(phases, times, memory):
                 fields = timing.record_fields(1.0 / phase.steps)
-                rows[method.name].append(ctx.record(
-                    self.name, method.name, method.label, phase=phase.name, **fields,
-                    tokens_per_s=phase.tokens / (fields["ms"] * 1e-3), peak_mem_bytes=peak,
-                    memory_measure=MEASURES[s.device.type], backend=candidate.backend,
-                    trainable_params=sum(p.numel() for p in candidate.trainable)))
+                rows[method.name].append(
+                    ctx.record(
+                        self.name,
+                        method.name,
+                        method.label,
+                        phase=phase.name,
+                        **fields,
+                        tokens_per_s=phase.tokens / (fields["ms"] * 1e-3),
+                        peak_mem_bytes=peak,
+                        memory_measure=MEASURES[s.device.type],
+                        backend=candidate.backend,
+                        trainable_params=sum(p.numel() for p in candidate.trainable),
+                    )
+                )
         return [row for method in methods for row in rows[method.name]]
 
 
-TRAINING_SUITE = ModelSuite("training", (None,), prepare_step,
-                            lambda settings, probe: [(probe.step_s, 0.0, probe.step_s)])
+TRAINING_SUITE = ModelSuite(
+    "training", (None,), prepare_step, lambda settings, probe: [(probe.step_s, 0.0, probe.step_s)]
+)
 INFERENCE_SUITE = ModelSuite(
-    "inference", ("prefill", "decode"), prepare_generation,
-    lambda settings, probe: [(probe.prefill_s, 0.0, 0.0),
-                             (settings.decode_tokens * probe.token_s, probe.prefill_s, 0.0)],
-    torch.inference_mode)
+    "inference",
+    ("prefill", "decode"),
+    prepare_generation,
+    lambda settings, probe: [
+        (probe.prefill_s, 0.0, 0.0),
+        (settings.decode_tokens * probe.token_s, probe.prefill_s, 0.0),
+    ],
+    torch.inference_mode,
+)

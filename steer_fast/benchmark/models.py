@@ -39,24 +39,56 @@ class ModelPreset:
 
 def _sizes(d: int, ffn: int, layers: int, heads: int, kv: int, vocab: int, positions: int, **extra):
     """Config keyword arguments of a Llama-style decoder with tied embeddings."""
-    return dict(hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                max_position_embeddings=positions, tie_word_embeddings=True, **extra)
+    return dict(
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        tie_word_embeddings=True,
+        **extra,
+    )
 
 
 # name, description, sizes (d, MLP, layers, heads, KV heads, vocab, positions), dtype, batch,
 # seq_len, rank, decode_tokens
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (
-    ModelPreset("tiny", "2 layers, d = 64: a smoke test of the machinery",
-                _sizes(64, 128, 2, 4, 2, 256, 512), torch.float32, 2, 16, 4, 4),
-    ModelPreset("cpu-small",
-                "Llama-style, 6 layers, d = 512, 8 heads (4 KV), vocab 8192: ~21M params",
-                _sizes(512, 1376, 6, 8, 4, 8192, 2048), torch.float32, 4, 256, 16, 32),
-    ModelPreset("llama-3.2-1b",
-                "Llama-3.2-1B shapes (16 layers, d = 2048, 32 heads, 8 KV, vocab 128256)",
-                _sizes(2048, 8192, 16, 32, 8, 128256, 131072, rope_theta=500000.0,
-                       rms_norm_eps=1e-5), torch.bfloat16, 4, 1024, 16, 64),
-)}
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset(
+            "tiny",
+            "2 layers, d = 64: a smoke test of the machinery",
+            _sizes(64, 128, 2, 4, 2, 256, 512),
+            torch.float32,
+            2,
+            16,
+            4,
+            4,
+        ),
+        ModelPreset(
+            "cpu-small",
+            "Llama-style, 6 layers, d = 512, 8 heads (4 KV), vocab 8192: ~21M params",
+            _sizes(512, 1376, 6, 8, 4, 8192, 2048),
+            torch.float32,
+            4,
+            256,
+            16,
+            32,
+        ),
+        ModelPreset(
+            "llama-3.2-1b",
+            "Llama-3.2-1B shapes (16 layers, d = 2048, 32 heads, 8 KV, vocab 128256)",
+            _sizes(2048, 8192, 16, 32, 8, 128256, 131072, rope_theta=500000.0, rms_norm_eps=1e-5),
+            torch.bfloat16,
+            4,
+            1024,
+            16,
+            64,
+        ),
+    )
+}
 
 
 @dataclass
@@ -72,8 +104,12 @@ class ModelSpec:
     vocab_size = property(lambda self: int(self.config.vocab_size))
 
 
-def build_spec(preset: ModelPreset, config: str | None = None, config_kwargs: dict | None = None,
-               dtype: torch.dtype | None = None) -> ModelSpec:
+def build_spec(
+    preset: ModelPreset,
+    config: str | None = None,
+    config_kwargs: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelSpec:
     """The config to benchmark: with ``config`` None a LlamaConfig, with a class name that class,
     both sized by the preset; with a path to a config.json or a folder holding one, that config
     as written. ``config_kwargs`` then override any field. ``dtype`` defaults to the preset's."""
@@ -94,13 +130,15 @@ def build_spec(preset: ModelPreset, config: str | None = None, config_kwargs: di
         if not (isinstance(config_class, type) and issubclass(config_class, _CONFIG_BASE)):
             raise ValueError(
                 "config must name a transformers config class (e.g. LlamaConfig, MistralConfig, "
-                f"Qwen2Config) or be a path to a config.json or model folder, got {what!r}")
+                f"Qwen2Config) or be a path to a config.json or model folder, got {what!r}"
+            )
         make = lambda: config_class(**{**preset.sizes, **overrides})
     try:
         built = make()
     except Exception as error:  # transformers raises its own error types for bad fields
-        raise ValueError(f"config {what} rejected its arguments: {' '.join(str(error).split())}"
-                         ) from error
+        raise ValueError(
+            f"config {what} rejected its arguments: {' '.join(str(error).split())}"
+        ) from error
     name = f"{type(built).__name__}({file})" if config_class is None else f"{what}[{preset.name}]"
     if overrides:
         name += " " + json.dumps(overrides, sort_keys=True)
@@ -129,6 +167,9 @@ def forward_parameters(module: nn.Module) -> set[str]:
     inside a wrapper such as PEFT's or pyvene's), e.g. to see whether they take
     ``logits_to_keep``, or the KV cache as ``cache`` (transformers >= 5.24) or as
     ``past_key_values``."""
-    return {name for m in module.modules()
-            if hasattr(m, "generate") and hasattr(m, "config") and hasattr(type(m), "forward")
-            for name in inspect.signature(type(m).forward).parameters}
+    return {
+        name
+        for m in module.modules()
+        if hasattr(m, "generate") and hasattr(m, "config") and hasattr(type(m), "forward")
+        for name in inspect.signature(type(m).forward).parameters
+    }

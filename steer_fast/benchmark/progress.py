@@ -46,13 +46,15 @@ def _seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _call_seconds(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device
-                  ) -> tuple[float, float, float]:
+def _call_seconds(
+    model: torch.nn.Module, tokens: torch.Tensor, device: torch.device
+) -> tuple[float, float, float]:
     """A training forward + backward (the second of two; the frozen model with input gradients,
     as the floor method runs it), a prefill and a decoded token."""
     embed = model.requires_grad_(False).get_input_embeddings()
-    step = lambda: model(inputs_embeds=embed(tokens).requires_grad_(True),
-                         labels=tokens).loss.backward()
+    step = lambda: model(
+        inputs_embeds=embed(tokens).requires_grad_(True), labels=tokens
+    ).loss.backward()
     step()
     step_s = _seconds(step, device)
     model.eval()
@@ -103,7 +105,7 @@ def probe_mixed(settings, rows: int, length: int) -> MixedProbe:
 
 
 def format_duration(seconds: float) -> str:
-    """"45 s", "4 min", "1 h 20 min"."""
+    """ "45 s", "4 min", "1 h 20 min"."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 3600:
@@ -123,8 +125,12 @@ class Progress:
         self.fraction = 0.0  # of the current suite, as it reports it
         self.bar = None
         if show and tqdm is not None:
-            self.bar = tqdm(total=1.0, file=sys.stderr, dynamic_ncols=True,
-                            bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
+            self.bar = tqdm(
+                total=1.0,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format="{percentage:3.0f}%|{bar:20}| {desc}",
+            )
         self.text = ""
 
     @property
@@ -162,8 +168,11 @@ class Progress:
         later = [s for s in self.estimates if s != self.suite and s not in self.done]
         current = 0.0
         if self.suite is not None:
-            rest = (in_suite * (1 - self.fraction) / self.fraction if self.fraction > 0
-                    else self.estimates[self.suite] * self.scale - in_suite)
+            rest = (
+                in_suite * (1 - self.fraction) / self.fraction
+                if self.fraction > 0
+                else self.estimates[self.suite] * self.scale - in_suite
+            )
             current = max(rest, self.block_left or 0.0, 0.0)
         return current + self.scale * sum(self.estimates[s] for s in later)
 
@@ -172,8 +181,11 @@ class Progress:
             return
         elapsed, left = time.perf_counter() - self.started, self.left_s()
         self.bar.total, self.bar.n = elapsed + left, elapsed
-        self.bar.set_description_str(f"{format_duration(elapsed)} elapsed, about "
-                                     f"{format_duration(left)} left - {self.text}"[:100])
+        self.bar.set_description_str(
+            f"{format_duration(elapsed)} elapsed, about {format_duration(left)} left - {self.text}"[
+                :100
+            ]
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -107,8 +107,10 @@ def device_name(device: torch.device) -> str:
     model = platform.processor() or platform.machine() or "unknown CPU"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle
-                          if line.startswith("model name")), model)
+            model = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+                model,
+            )
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
@@ -123,18 +125,29 @@ def package_version(name: str) -> str | None:
 
 def environment(device: torch.device) -> dict[str, str | None]:
     """Where the numbers come from, as the record fields copied into every record."""
-    versions = {f"{name}_version": package_version(name)
-                for name in ("triton", "transformers", "peft", "pyreft", "steer_fast")}
-    return dict(device=str(device), device_name=device_name(device), host=socket.gethostname(),
-                python_version=sys.version.split()[0], torch_version=torch.__version__, **versions)
+    versions = {
+        f"{name}_version": package_version(name)
+        for name in ("triton", "transformers", "peft", "pyreft", "steer_fast")
+    }
+    return dict(
+        device=str(device),
+        device_name=device_name(device),
+        host=socket.gethostname(),
+        python_version=sys.version.split()[0],
+        torch_version=torch.__version__,
+        **versions,
+    )
 
 
 @dataclass
 class RunContext:
     settings: BenchmarkSettings
     environment: dict[str, Any]
-    timestamp: str = field(default_factory=lambda: datetime.datetime.now(
-        datetime.timezone.utc).isoformat(timespec="seconds"))
+    timestamp: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+    )
     # Progress reports (``progress.Progress``): what runs now, the seconds the timing block
     # running now still needs, the share of the suite done.
     describe: Callable[[str], None] = lambda text: None
@@ -144,10 +157,20 @@ class RunContext:
     def record(self, suite: str, method: str, label: str, **fields: Any) -> BenchmarkRecord:
         """A record with the run's context filled in; ``fields`` set or override the rest."""
         s = self.settings
-        context = dict(suite=suite, method=method, label=label, model=s.spec.name,
-                       dtype=s.dtype_name, batch=s.batch, seq_len=s.seq_len, rank=s.rank,
-                       activation=s.activation, timestamp=self.timestamp, command=s.command,
-                       **self.environment)
+        context = dict(
+            suite=suite,
+            method=method,
+            label=label,
+            model=s.spec.name,
+            dtype=s.dtype_name,
+            batch=s.batch,
+            seq_len=s.seq_len,
+            rank=s.rank,
+            activation=s.activation,
+            timestamp=self.timestamp,
+            command=s.command,
+            **self.environment,
+        )
         return BenchmarkRecord(**{**context, **fields})
 
 
@@ -157,8 +180,10 @@ def not_run(error: Exception) -> dict[str, str]:
     if isinstance(error, MethodUnavailable):
         return dict(status="skipped", reason=str(error))
     message = str(error).strip().splitlines()
-    return dict(status="failed",
-                reason=f"{type(error).__name__}: {message[0] if message else ''}".rstrip(": "))
+    return dict(
+        status="failed",
+        reason=f"{type(error).__name__}: {message[0] if message else ''}".rstrip(": "),
+    )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -179,5 +204,7 @@ def save_records(path: Path, records: list[BenchmarkRecord]) -> None:
 def load_records(path: Path) -> list[BenchmarkRecord]:
     """The records of a results.json; fields this version does not know are dropped."""
     with open(path, encoding="utf-8") as handle:
-        return [BenchmarkRecord(**{k: v for k, v in row.items() if k in RECORD_FIELDS})
-                for row in json.load(handle)]
+        return [
+            BenchmarkRecord(**{k: v for k, v in row.items() if k in RECORD_FIELDS})
+            for row in json.load(handle)
+        ]

@@ -42,8 +42,12 @@ DEFAULT_SUITES: tuple[str, ...] = ("kernel", "training", "inference")
 # The mixed suite's adapter counts A by size, without --adapters.
 MIXED_ADAPTERS = {"quick": (1, 4), "default": (1, 4, 16, 64), "full": (1, 4, 16, 64)}
 # The option groups of the command line's help, in this order.
-WHAT, MODEL, SHAPES, OUTPUT = ("what to run", "model (random weights, nothing downloaded)",
-                               "shapes", "output")
+WHAT, MODEL, SHAPES, OUTPUT = (
+    "what to run",
+    "model (random weights, nothing downloaded)",
+    "shapes",
+    "output",
+)
 
 
 def option(help: str, group: str, shown: str | None = None, default: Any = None, **cli: Any):
@@ -67,62 +71,108 @@ def device_name(device: str) -> str:
 class BenchmarkOptions:
     """Every option of a run as given: None (or the default) where the user chose nothing."""
 
-    suites: Sequence[str] | None = option(f"suites to run, from {list(SUITES)}", WHAT,
-                                          f"{' '.join(DEFAULT_SUITES)}; mixed only when named",
-                                          metavar="SUITE")
-    methods: Sequence[str] | None = option("only these methods, as --list names them", WHAT,
-                                           "all", metavar="METHOD")
-    quick: bool = option("a smoke test: one kernel shape, 3 to 5 repeats per cell, a quarter "
-                         "of the decoded tokens", WHAT, default=False)
-    full: bool = option("the full kernel grid (32 shapes) and timing budgets, the default on "
-                        "CUDA; on a 2-core CPU 9 to 12 minutes instead of 3 to 5", WHAT,
-                        default=False)
+    suites: Sequence[str] | None = option(
+        f"suites to run, from {list(SUITES)}",
+        WHAT,
+        f"{' '.join(DEFAULT_SUITES)}; mixed only when named",
+        metavar="SUITE",
+    )
+    methods: Sequence[str] | None = option(
+        "only these methods, as --list names them", WHAT, "all", metavar="METHOD"
+    )
+    quick: bool = option(
+        "a smoke test: one kernel shape, 3 to 5 repeats per cell, a quarter of the decoded tokens",
+        WHAT,
+        default=False,
+    )
+    full: bool = option(
+        "the full kernel grid (32 shapes) and timing budgets, the default on "
+        "CUDA; on a 2-core CPU 9 to 12 minutes instead of 3 to 5",
+        WHAT,
+        default=False,
+    )
     warmup: int | None = option("warm-up calls before each measurement", WHAT, "per suite")
     repeats: int | None = option("exactly this many measured calls", WHAT, "adaptive per suite")
-    interleave: bool = option("time the methods one after another, each freed before the next "
-                              "is built (for models too large to hold once per method)", WHAT,
-                              default=True)
-    preset: str | None = option("model sizes and batch", MODEL, "llama-3.2-1b on CUDA, cpu-small "
-                                "on the CPU", choices=sorted(PRESETS))
-    config: str | None = option("a transformers config class (e.g. MistralConfig, sized by the "
-                                "preset) or a path to a config.json / model folder", MODEL,
-                                "LlamaConfig", metavar="CLASS_OR_PATH")
-    config_kwargs: dict | None = option("config fields to override, as a JSON object", MODEL,
-                                        "none")
-    dtype: str | torch.dtype | None = option("model dtype; also narrows the kernel grid", MODEL,
-                                             "the preset's", choices=sorted(DTYPES))
-    device: str | torch.device | None = option("cpu, cuda or cuda:N", MODEL, "cuda if available",
-                                               metavar="{cpu,cuda,cuda:N}", parse=device_name)
-    threads: int | None = option("torch intra-op threads for the run", MODEL,
-                                 f"{CPU_THREADS} on the CPU, as the committed CPU results; "
-                                 "torch's choice on CUDA")
+    interleave: bool = option(
+        "time the methods one after another, each freed before the next "
+        "is built (for models too large to hold once per method)",
+        WHAT,
+        default=True,
+    )
+    preset: str | None = option(
+        "model sizes and batch",
+        MODEL,
+        "llama-3.2-1b on CUDA, cpu-small on the CPU",
+        choices=sorted(PRESETS),
+    )
+    config: str | None = option(
+        "a transformers config class (e.g. MistralConfig, sized by the "
+        "preset) or a path to a config.json / model folder",
+        MODEL,
+        "LlamaConfig",
+        metavar="CLASS_OR_PATH",
+    )
+    config_kwargs: dict | None = option(
+        "config fields to override, as a JSON object", MODEL, "none"
+    )
+    dtype: str | torch.dtype | None = option(
+        "model dtype; also narrows the kernel grid", MODEL, "the preset's", choices=sorted(DTYPES)
+    )
+    device: str | torch.device | None = option(
+        "cpu, cuda or cuda:N",
+        MODEL,
+        "cuda if available",
+        metavar="{cpu,cuda,cuda:N}",
+        parse=device_name,
+    )
+    threads: int | None = option(
+        "torch intra-op threads for the run",
+        MODEL,
+        f"{CPU_THREADS} on the CPU, as the committed CPU results; torch's choice on CUDA",
+    )
     batch: int | None = option("sequences per batch", SHAPES, "the preset's")
     seq_len: int | None = option("tokens per sequence", SHAPES, "the preset's")
-    rank: int | None = option("adapter rank for every method; also narrows the kernel grid",
-                              SHAPES, "the preset's")
-    activation: str | None = option("steering nonlinearity; also narrows the kernel grid", SHAPES,
-                                    "identity", choices=ACTIVATIONS)
-    decode_tokens: int | None = option("tokens decoded after the prefill", SHAPES,
-                                       "the preset's, a quarter with --quick")
-    kernel_tokens: Sequence[int] | None = option("token counts of the kernel grid", SHAPES,
-                                                 "per device", metavar="N")
-    kernel_hidden_sizes: Sequence[int] | None = option("hidden sizes of the kernel grid", SHAPES,
-                                                       "per device", metavar="D",
-                                                       flag="--kernel-hidden")
+    rank: int | None = option(
+        "adapter rank for every method; also narrows the kernel grid", SHAPES, "the preset's"
+    )
+    activation: str | None = option(
+        "steering nonlinearity; also narrows the kernel grid",
+        SHAPES,
+        "identity",
+        choices=ACTIVATIONS,
+    )
+    decode_tokens: int | None = option(
+        "tokens decoded after the prefill", SHAPES, "the preset's, a quarter with --quick"
+    )
+    kernel_tokens: Sequence[int] | None = option(
+        "token counts of the kernel grid", SHAPES, "per device", metavar="N"
+    )
+    kernel_hidden_sizes: Sequence[int] | None = option(
+        "hidden sizes of the kernel grid", SHAPES, "per device", metavar="D", flag="--kernel-hidden"
+    )
     adapters: Sequence[int] | None = option(
-        "the mixed suite's adapter counts A, each loaded on one model", SHAPES,
+        "the mixed suite's adapter counts A, each loaded on one model",
+        SHAPES,
         f"{','.join(map(str, MIXED_ADAPTERS['default']))}; "
-        f"{','.join(map(str, MIXED_ADAPTERS['quick']))} with --quick", metavar="A")
+        f"{','.join(map(str, MIXED_ADAPTERS['quick']))} with --quick",
+        metavar="A",
+    )
     spread: Sequence[str] | None = option(
         "how the mixed suite's rows spread over the adapters: even (row i -> adapter i mod A) "
         "or skewed (half the rows on one adapter, the rest spread evenly over the others)",
-        SHAPES, ",".join(SPREADS), metavar="SPREAD")
+        SHAPES,
+        ",".join(SPREADS),
+        metavar="SPREAD",
+    )
     seed: int = option("seed of every method's weights and data", SHAPES, default=0)
-    out: str | Path | None = option("output folder", OUTPUT,
-                                    f"./{RESULTS_ROOT}/<device>-<date>/ in the current "
-                                    "directory, never reused")
-    overwrite: bool = option("allow writing into a folder that already holds results.json",
-                             OUTPUT, default=False)
+    out: str | Path | None = option(
+        "output folder",
+        OUTPUT,
+        f"./{RESULTS_ROOT}/<device>-<date>/ in the current directory, never reused",
+    )
+    overwrite: bool = option(
+        "allow writing into a folder that already holds results.json", OUTPUT, default=False
+    )
     plots: bool = option("skip the PNG plots", OUTPUT, default=True)
     # Recorded in every result; not an option (the command line sets it to itself).
     command: str | None = None
@@ -144,13 +194,21 @@ class KernelGrid(NamedTuple):
 # mmap ceiling (see runner.keep_freed_host_memory), so that no case is timed on page faults.
 KERNEL_GRIDS = {
     (True, "quick"): KernelGrid((16384,), (2048,), (16,), ("silu",), (torch.bfloat16,)),
-    (True, "full"): KernelGrid((4096, 16384, 65536), (2048, 4096), (16, 64),
-                               ("identity", "silu"), (torch.bfloat16,), (False, True)),
+    (True, "full"): KernelGrid(
+        (4096, 16384, 65536),
+        (2048, 4096),
+        (16, 64),
+        ("identity", "silu"),
+        (torch.bfloat16,),
+        (False, True),
+    ),
     (False, "quick"): KernelGrid((2048,), (512,), (16,), ("silu",), (torch.float32,)),
-    (False, "default"): KernelGrid((1024, 4096), (256, 1024), (16, 64), ("silu",),
-                                   (torch.float32,)),
-    (False, "full"): KernelGrid((1024, 4096), (256, 1024), (16, 64), ("identity", "silu"),
-                                (torch.float32, torch.bfloat16)),
+    (False, "default"): KernelGrid(
+        (1024, 4096), (256, 1024), (16, 64), ("silu",), (torch.float32,)
+    ),
+    (False, "full"): KernelGrid(
+        (1024, 4096), (256, 1024), (16, 64), ("identity", "silu"), (torch.float32, torch.bfloat16)
+    ),
 }
 # (on CUDA, size) -> the kernel, training-step, inference and mixed timing plans, each as
 # (warmup, min_repeats, max_repeats, budget_s). Outside "quick", at least 7 repeats per model
@@ -236,8 +294,9 @@ class BenchmarkSettings:
         adapters = MIXED_ADAPTERS[size]
         if o.adapters is not None:
             if isinstance(o.adapters, (str, bytes)) or not o.adapters:
-                raise ValueError(f"adapters must list at least one integer >= 1, got "
-                                 f"{o.adapters!r}")
+                raise ValueError(
+                    f"adapters must list at least one integer >= 1, got {o.adapters!r}"
+                )
             adapters = tuple(sorted({_positive("adapters", value) for value in o.adapters}))
         spreads = SPREADS if o.spread is None else _check_choices("spread", o.spread, SPREADS)
         threads = _positive("threads", o.threads, None if cuda else CPU_THREADS)
@@ -247,18 +306,39 @@ class BenchmarkSettings:
         plans = TIMING_PLANS[cuda, size]
         timing = {suite: replace(TimingPlan(*plan), **fixed) for suite, plan in zip(SUITES, plans)}
         if o.plots and importlib.util.find_spec("matplotlib") is None:
-            raise ValueError("plots need matplotlib (pip install 'steer_fast[bench]'); or pass "
-                             "plots=False (--no-plots)")
+            raise ValueError(
+                "plots need matplotlib (pip install 'steer_fast[bench]'); or pass "
+                "plots=False (--no-plots)"
+            )
         out = _fresh_default_out(device) if o.out is None else Path(o.out)
         if o.out is not None and (out / "results.json").exists() and not o.overwrite:
-            raise ValueError(f"out folder {str(out)!r} already holds results.json; choose another "
-                             "folder or pass overwrite=True (--overwrite)")
-        return cls(device=device, size=size, preset=preset, spec=spec, suites=suites, batch=batch,
-                   seq_len=seq_len, rank=rank, activation=o.activation or "identity",
-                   decode_tokens=decode_tokens, seed=int(o.seed), methods=methods,
-                   kernel_grid=grid, timing=timing, threads=threads,
-                   interleave=bool(o.interleave), out=out, plots=o.plots,
-                   command=o.command or invoked_as(), adapters=adapters, spreads=spreads)
+            raise ValueError(
+                f"out folder {str(out)!r} already holds results.json; choose another "
+                "folder or pass overwrite=True (--overwrite)"
+            )
+        return cls(
+            device=device,
+            size=size,
+            preset=preset,
+            spec=spec,
+            suites=suites,
+            batch=batch,
+            seq_len=seq_len,
+            rank=rank,
+            activation=o.activation or "identity",
+            decode_tokens=decode_tokens,
+            seed=int(o.seed),
+            methods=methods,
+            kernel_grid=grid,
+            timing=timing,
+            threads=threads,
+            interleave=bool(o.interleave),
+            out=out,
+            plots=o.plots,
+            command=o.command or invoked_as(),
+            adapters=adapters,
+            spreads=spreads,
+        )
 
     @property
     def dtype_name(self) -> str:
@@ -284,8 +364,10 @@ def _check_device(device: str | torch.device | None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but torch sees no CUDA device")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r} was asked for but torch sees "
-                         f"{torch.cuda.device_count()} CUDA devices")
+        raise ValueError(
+            f"device {str(device)!r} was asked for but torch sees "
+            f"{torch.cuda.device_count()} CUDA devices"
+        )
     return resolved
 
 
@@ -298,8 +380,9 @@ def _one_of(name: str, value: Any, allowed: Sequence[str]) -> Any:
 def _check_choices(name: str, values: Any, allowed: Sequence[str]) -> tuple[str, ...]:
     """``values`` without repeats, checked to be a non-empty list drawn from ``allowed``."""
     if isinstance(values, str) or not values:
-        raise ValueError(f"{name} must be a non-empty list drawn from {list(allowed)}, "
-                         f"got {values!r}")
+        raise ValueError(
+            f"{name} must be a non-empty list drawn from {list(allowed)}, got {values!r}"
+        )
     unknown = [v for v in values if v not in allowed]
     if unknown:
         raise ValueError(f"{name} must be drawn from {list(allowed)}; unknown: {unknown}")

@@ -28,10 +28,12 @@ NOISY_MEDIAN_MIN_RATIO = 1.5
 OUTLIER_FACTOR, NOISY_OUTLIER_SHARE = 1.5, 0.1
 TIME_SLICES_MS = (10.0, 8.0, 4.0)  # scheduler quanta, largest first
 SLICE_TOLERANCE = 0.03  # of the quantum
-NOISE_RULE = (f"its IQR exceeds {NOISY_IQR_RATIO:.0%} of its median, its median "
-              f"{NOISY_MEDIAN_MIN_RATIO}x its fastest repeat, at least two repeats (and a tenth "
-              f"of them) exceed {OUTLIER_FACTOR}x the median, or its repeats sit on multiples of "
-              f"a scheduler time slice ({', '.join(f'{q:g}' for q in TIME_SLICES_MS)} ms)")
+NOISE_RULE = (
+    f"its IQR exceeds {NOISY_IQR_RATIO:.0%} of its median, its median "
+    f"{NOISY_MEDIAN_MIN_RATIO}x its fastest repeat, at least two repeats (and a tenth "
+    f"of them) exceed {OUTLIER_FACTOR}x the median, or its repeats sit on multiples of "
+    f"a scheduler time slice ({', '.join(f'{q:g}' for q in TIME_SLICES_MS)} ms)"
+)
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:
@@ -50,9 +52,14 @@ def _time_slice(samples: Sequence[float]) -> float | None:
         return None
     for quantum in TIME_SLICES_MS:
         multiples = [round(s / quantum) for s in samples]
-        if (min(multiples) >= 1 and len(set(multiples)) >= 2
-                and all(abs(s - k * quantum) <= SLICE_TOLERANCE * quantum
-                        for s, k in zip(samples, multiples))):
+        if (
+            min(multiples) >= 1
+            and len(set(multiples)) >= 2
+            and all(
+                abs(s - k * quantum) <= SLICE_TOLERANCE * quantum
+                for s, k in zip(samples, multiples)
+            )
+        ):
             return quantum
     return None
 
@@ -112,8 +119,14 @@ def spread_of(samples_ms: Sequence[float]) -> Spread:
         reasons.append(f"{slow} of {len(ordered)} repeats over {OUTLIER_FACTOR}x the median")
     if (quantum := _time_slice(ordered)) is not None:
         reasons.append(f"repeats on multiples of {quantum:g} ms (scheduler time slices)")
-    return Spread(p25, p75, iqr_ratio, high / low if low > 0 else float("inf"), bool(reasons),
-                  "; ".join(reasons) or None)
+    return Spread(
+        p25,
+        p75,
+        iqr_ratio,
+        high / low if low > 0 else float("inf"),
+        bool(reasons),
+        "; ".join(reasons) or None,
+    )
 
 
 @dataclass(frozen=True)
@@ -130,18 +143,33 @@ class Timing:
     @classmethod
     def of(cls, samples_ms: Sequence[float], warmup: int) -> Timing:
         """The timing of measured repeats (milliseconds each)."""
-        return cls(statistics.median(samples_ms), min(samples_ms), max(samples_ms),
-                   len(samples_ms), warmup, spread_of(samples_ms))
+        return cls(
+            statistics.median(samples_ms),
+            min(samples_ms),
+            max(samples_ms),
+            len(samples_ms),
+            warmup,
+            spread_of(samples_ms),
+        )
 
     def record_fields(self, scale: float = 1.0) -> dict[str, float | int | bool | str | None]:
         """A record's timing fields (``ms`` is the median), every time multiplied by ``scale``
         (e.g. 1 / tokens for a time per decoded token); the ratios and the verdict are the
         cell's own."""
         s = self.spread
-        return dict(ms=self.median_ms * scale, ms_min=self.min_ms * scale,
-                    ms_max=self.max_ms * scale, repeats=self.repeats, warmup=self.warmup,
-                    ms_p25=s.p25_ms * scale, ms_p75=s.p75_ms * scale, iqr_ratio=s.iqr_ratio,
-                    max_min_ratio=s.max_min_ratio, noisy=s.noisy, noise_reason=s.noise_reason)
+        return dict(
+            ms=self.median_ms * scale,
+            ms_min=self.min_ms * scale,
+            ms_max=self.max_ms * scale,
+            repeats=self.repeats,
+            warmup=self.warmup,
+            ms_p25=s.p25_ms * scale,
+            ms_p75=s.p75_ms * scale,
+            iqr_ratio=s.iqr_ratio,
+            max_min_ratio=s.max_min_ratio,
+            noisy=s.noisy,
+            noise_reason=s.noise_reason,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,8 +183,10 @@ class TimingPlan:
 
     def __post_init__(self) -> None:
         if self.warmup < 1 or not 1 <= self.min_repeats <= self.max_repeats or self.budget_s <= 0:
-            raise ValueError(f"need warmup >= 1 (the last warm-up call sizes the repeats), "
-                             f"1 <= min_repeats <= max_repeats and budget_s > 0, got {self}")
+            raise ValueError(
+                f"need warmup >= 1 (the last warm-up call sizes the repeats), "
+                f"1 <= min_repeats <= max_repeats and budget_s > 0, got {self}"
+            )
 
     def repeats_for(self, seconds_per_call: float) -> int:
         wanted = int(self.budget_s / max(seconds_per_call, 1e-9))
@@ -182,8 +212,13 @@ class Call(NamedTuple):
         return self.fn(*self.args())
 
 
-def measure(fn: Callable[..., Any], device: torch.device, plan: TimingPlan = TimingPlan(),
-            flush_l2: bool = False, setup: Callable[[], Any] | None = None) -> Timing:
+def measure(
+    fn: Callable[..., Any],
+    device: torch.device,
+    plan: TimingPlan = TimingPlan(),
+    flush_l2: bool = False,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
     """Time ``fn()`` alone (see ``measure_interleaved``); raises whatever ``fn`` raises. With
     ``setup``, every call is ``fn(setup())`` and only ``fn`` is timed: e.g. a fresh prefill
     before each timed decode."""
@@ -199,10 +234,13 @@ def _now(cuda: bool) -> Any:
     return event
 
 
-def measure_interleaved(calls: dict[str, Call], device: torch.device,
-                        plan: TimingPlan = TimingPlan(), flush_l2: bool = False,
-                        on_round: Callable[[float], None] | None = None
-                        ) -> dict[str, Timing | Exception]:
+def measure_interleaved(
+    calls: dict[str, Call],
+    device: torch.device,
+    plan: TimingPlan = TimingPlan(),
+    flush_l2: bool = False,
+    on_round: Callable[[float], None] | None = None,
+) -> dict[str, Timing | Exception]:
     """Time several calls in rounds, one repeat of each per round, in a rotating order.
 
     Whatever else slows the machine during the measurement (other processes, clock changes)
@@ -235,8 +273,11 @@ def measure_interleaved(calls: dict[str, Call], device: torch.device,
     live, cuda = list(last_warmup_s), device.type == "cuda"
     if not live:
         return results
-    flush = (torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-             if cuda and flush_l2 else None)
+    flush = (
+        torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+        if cuda and flush_l2
+        else None
+    )
     samples: dict[str, list[tuple[Any, Any]]] = {name: [] for name in live}
     rounds, started = plan.repeats_for(sum(last_warmup_s.values()) / len(live)), time.perf_counter()
     report = on_round or (lambda seconds: None)

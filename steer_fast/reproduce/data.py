@@ -106,14 +106,17 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"pad_token_id must be an integer, got {pad_token_id!r}")
     longest = max(len(row["input_ids"]) for row in batch)
     fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
-    out = {key: torch.full((len(batch), longest), fill, dtype=torch.long)
-           for key, fill in fills.items()}
+    out = {
+        key: torch.full((len(batch), longest), fill, dtype=torch.long)
+        for key, fill in fills.items()
+    }
     for i, row in enumerate(batch):
         length = len(row["input_ids"])
         for key in fills:
             if len(row[key]) != length:
-                raise ValueError(f"batch row {i}: {key} has {len(row[key])} entries, "
-                                 f"input_ids {length}")
+                raise ValueError(
+                    f"batch row {i}: {key} has {len(row[key])} entries, input_ids {length}"
+                )
             out[key][i, :length] = torch.tensor(row[key], dtype=torch.long)
     return out
 
@@ -127,16 +130,19 @@ def encode_prompts(examples: Sequence[Example | str], tokenizer) -> dict[str, to
     if pad is None:
         raise ValueError("tokenizer has no pad_token_id; set tokenizer.pad_token")
     encoded = [
-        list(tokenizer(e.prompt if isinstance(e, Example) else e, add_special_tokens=True)[
-            "input_ids"])
+        list(
+            tokenizer(e.prompt if isinstance(e, Example) else e, add_special_tokens=True)[
+                "input_ids"
+            ]
+        )
         for e in examples
     ]
     longest = max(map(len, encoded))
     input_ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), longest), dtype=torch.long)
     for i, ids in enumerate(encoded):
-        input_ids[i, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, longest - len(ids):] = 1
+        input_ids[i, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, longest - len(ids) :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -223,14 +229,18 @@ def _read_source(source: str) -> dict[str, list[dict[str, Any]]]:
                     raise ValueError(f"source={source!r} has two files for split {split!r}")
                 found[split] = read_rows(file)["train"]
         if not found:
-            raise ValueError(f"source={source!r}: no train/validation/test "
-                             f"{'/'.join(_FILE_SUFFIXES)} files in the folder")
+            raise ValueError(
+                f"source={source!r}: no train/validation/test "
+                f"{'/'.join(_FILE_SUFFIXES)} files in the folder"
+            )
         return found
     if path.suffix.lower() in _FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise ValueError(f"source={source!r} does not exist")
     if not _HUB_ID.fullmatch(source):
-        raise ValueError(f"source={source!r} is neither a file, a folder nor a Hugging Face "
-                         f"dataset id (owner/name or owner/name:config)")
+        raise ValueError(
+            f"source={source!r} is neither a file, a folder nor a Hugging Face "
+            f"dataset id (owner/name or owner/name:config)"
+        )
     import datasets
 
     name, _, config = source.partition(":")
@@ -285,21 +295,25 @@ def load_splits(
     for split in SPLITS:
         pool, size = examples[split], sizes[split]
         if size is not None and size > len(pool):
-            raise ValueError(f"{split}_size={size} but source={source!r} has {len(pool)} "
-                             f"{split} examples")
+            raise ValueError(
+                f"{split}_size={size} but source={source!r} has {len(pool)} {split} examples"
+            )
         chosen[split] = tuple(pool if size is None else rng.sample(pool, size))
     name = Path(source).stem if Path(source).expanduser().exists() else source
     return TaskSplits(name, chosen["train"], chosen["validation"], chosen["test"])
 
 
-def _carve(examples: dict[str, list[Example]], split: str, count: int,
-           rng: random.Random) -> list[Example]:
+def _carve(
+    examples: dict[str, list[Example]], split: str, count: int, rng: random.Random
+) -> list[Example]:
     """Removes a seeded sample of ``count`` distinct examples from examples["train"] (with their
     duplicates) and returns it."""
     pool = list(dict.fromkeys(examples["train"]))  # distinct examples, first-seen order
     if count > len(pool) - 1:
-        raise ValueError(f"{split}_size={count}: only {len(pool)} distinct train examples to "
-                         f"carve {split} from (and train needs one)")
+        raise ValueError(
+            f"{split}_size={count}: only {len(pool)} distinct train examples to "
+            f"carve {split} from (and train needs one)"
+        )
     carved = rng.sample(pool, count)
     taken = set(carved)
     examples["train"] = [example for example in examples["train"] if example not in taken]

@@ -54,14 +54,27 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         """The JSON form stored in results.json."""
-        return {"correct": self.correct, "total": self.total, "accuracy": self.accuracy,
-                "stderr": self.stderr, "seconds": self.seconds, "outputs": self.outputs,
-                "marks": self.marks}
+        return {
+            "correct": self.correct,
+            "total": self.total,
+            "accuracy": self.accuracy,
+            "stderr": self.stderr,
+            "seconds": self.seconds,
+            "outputs": self.outputs,
+            "marks": self.marks,
+        }
 
 
-def evaluate(adapted: Adapted, examples: Sequence, tokenizer, *, batch_size: int,
-             max_new_tokens: int | None = None, progress: bool = True,
-             description: str = "eval") -> EvalResult:
+def evaluate(
+    adapted: Adapted,
+    examples: Sequence,
+    tokenizer,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+    description: str = "eval",
+) -> EvalResult:
     """Greedy generation on ``examples`` (``tasks.Example``) in batches of ``batch_size``,
     scored with ``tasks.is_correct``."""
     from .data import encode_prompts
@@ -76,18 +89,21 @@ def evaluate(adapted: Adapted, examples: Sequence, tokenizer, *, batch_size: int
     if progress and examples:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(examples), desc=description, unit="item", leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(examples), desc=description, unit="item", leave=False, dynamic_ncols=True
+        )
     start = time.perf_counter()
     adapted.module.eval()
     try:
         for first in range(0, len(examples), batch_size):
-            chunk = examples[first:first + batch_size]
+            chunk = examples[first : first + batch_size]
             prompts = encode_prompts(chunk, tokenizer)
             with torch.inference_mode():
-                new_tokens = adapted.generate(prompts["input_ids"].to(device),
-                                              prompts["attention_mask"].to(device),
-                                              max_new_tokens)
+                new_tokens = adapted.generate(
+                    prompts["input_ids"].to(device),
+                    prompts["attention_mask"].to(device),
+                    max_new_tokens,
+                )
             texts = tokenizer.batch_decode(new_tokens.cpu(), skip_special_tokens=True)
             for text, example in zip(texts, chunk):
                 mark = bool(is_correct(text, example))

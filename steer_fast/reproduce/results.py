@@ -22,8 +22,15 @@ from typing import Any
 
 RESULTS_FORMAT = 1
 RESULTS_FILE = "results.json"
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "pyreft", "pyvene", "accelerate",
-                      "steer-fast")
+VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "pyreft",
+    "pyvene",
+    "accelerate",
+    "steer-fast",
+)
 
 
 def environment() -> dict[str, Any]:
@@ -36,10 +43,14 @@ def environment() -> dict[str, Any]:
             versions[package] = None
     import torch
 
-    machine = {"platform": platform.platform(), "processor": _cpu_name(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "memory_bytes": _memory_bytes(),
-               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    machine = {
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _memory_bytes(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     return {"versions": versions, "machine": machine}
 
 
@@ -70,8 +81,9 @@ def fingerprint(splits) -> str:
     digest = hashlib.sha256()
     for split in (splits.train, splits.validation, splits.test):
         for example in split:
-            digest.update(f"{example.prompt}\x00{example.completion}\x00{example.answer}\x01"
-                          .encode())
+            digest.update(
+                f"{example.prompt}\x00{example.completion}\x00{example.answer}\x01".encode()
+            )
         digest.update(b"\x02")
     return digest.hexdigest()[:16]
 
@@ -79,8 +91,9 @@ def fingerprint(splits) -> str:
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write ``value`` as JSON to a temporary file beside ``path`` and rename it into place."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(_finite(value), indent=1, sort_keys=True) + "\n",
-                       encoding="utf-8")
+    staging.write_text(
+        json.dumps(_finite(value), indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
     os.replace(staging, path)
 
 
@@ -104,18 +117,33 @@ def load_results(out: Path, settings, overwrite: bool = False) -> dict:
         try:
             results = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"out: {path} is not valid JSON ({error}); use --overwrite to "
-                             "start again") from error
+            raise ValueError(
+                f"out: {path} is not valid JSON ({error}); use --overwrite to start again"
+            ) from error
         if results.get("format") != RESULTS_FORMAT:
-            raise ValueError(f"out: {path} has format {results.get('format')!r}, this version "
-                             f"writes {RESULTS_FORMAT}; use another --out or --overwrite")
+            raise ValueError(
+                f"out: {path} has format {results.get('format')!r}, this version "
+                f"writes {RESULTS_FORMAT}; use another --out or --overwrite"
+            )
         stored = results.get("settings", {})
         wanted = _finite(settings.result_settings())
-        changed = [f"{k}: {stored.get(k)!r} there, {wanted[k]!r} now" for k in wanted
-                   if stored.get(k) != wanted[k]]
+        changed = [
+            f"{k}: {stored.get(k)!r} there, {wanted[k]!r} now"
+            for k in wanted
+            if stored.get(k) != wanted[k]
+        ]
         if changed:
-            raise ValueError(f"out: {path} was written with other settings ({'; '.join(changed)})"
-                             "; use another --out, or --overwrite to start again")
+            raise ValueError(
+                f"out: {path} was written with other settings ({'; '.join(changed)})"
+                "; use another --out, or --overwrite to start again"
+            )
         return results
-    return {"format": RESULTS_FORMAT, "settings": _finite(settings.result_settings()),
-            "commands": [], "environment": {}, "tasks": {}, "skipped": {}, "runs": []}
+    return {
+        "format": RESULTS_FORMAT,
+        "settings": _finite(settings.result_settings()),
+        "commands": [],
+        "environment": {},
+        "tasks": {},
+        "skipped": {},
+        "runs": [],
+    }

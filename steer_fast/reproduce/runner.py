@@ -34,9 +34,20 @@ from .results import (
 )
 
 # Settings that change what a run measures: a results file is resumed only when they match.
-RESULT_SETTINGS = ("model", "steps", "epochs", "train_size", "validation_size", "test_size",
-                   "data_seed", "listops_max_tokens", "batch_size", "grad_accum", "max_length",
-                   "orthogonality_frequency")
+RESULT_SETTINGS = (
+    "model",
+    "steps",
+    "epochs",
+    "train_size",
+    "validation_size",
+    "test_size",
+    "data_seed",
+    "listops_max_tokens",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "orthogonality_frequency",
+)
 
 # The values of ``--orthogonality-frequency`` besides a number of steps (as OrthogonalityConfig).
 FREQUENCY_WORDS = ("step", "epoch", "init")
@@ -104,15 +115,18 @@ class ReproduceSettings:
             raise ValueError("tasks must name at least one task")
         for task in self.tasks:
             if task not in TASK_NAMES and not _is_task_source(task):
-                raise ValueError(f"tasks: unknown task {task!r}; known tasks: "
-                                 f"{', '.join(TASK_NAMES)} (or a local file or folder, or a "
-                                 "Hugging Face dataset id such as owner/name)")
+                raise ValueError(
+                    f"tasks: unknown task {task!r}; known tasks: "
+                    f"{', '.join(TASK_NAMES)} (or a local file or folder, or a "
+                    "Hugging Face dataset id such as owner/name)"
+                )
         if not self.methods:
             raise ValueError("methods must name at least one method")
         for method in self.methods:
             if method not in METHODS:
-                raise ValueError(f"methods: unknown method {method!r}; known methods: "
-                                 f"{', '.join(METHOD_NAMES)}")
+                raise ValueError(
+                    f"methods: unknown method {method!r}; known methods: {', '.join(METHOD_NAMES)}"
+                )
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         _positive_int("train_size", self.train_size, 0)
@@ -120,8 +134,11 @@ class ReproduceSettings:
         _positive_int("test_size", self.test_size)
         if self.steps is not None:
             _positive_int("steps", self.steps)
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not (
-                math.isfinite(self.epochs) and self.epochs > 0):
+        if (
+            isinstance(self.epochs, bool)
+            or not isinstance(self.epochs, (int, float))
+            or not (math.isfinite(self.epochs) and self.epochs > 0)
+        ):
             raise ValueError(f"epochs must be a number > 0, got {self.epochs!r}")
         if not self.seeds:
             raise ValueError("seeds must hold at least one seed")
@@ -141,8 +158,10 @@ class ReproduceSettings:
             _positive_int("train_size", self.train_size)
         tuned = [m.name for m in self.selected() if len(self.learning_rates(m.name)) > 1]
         if tuned and self.validation_size < 1:
-            raise ValueError(f"validation_size must be >= 1: the learning rates of "
-                             f"{', '.join(tuned)} are chosen on the validation split")
+            raise ValueError(
+                f"validation_size must be >= 1: the learning rates of "
+                f"{', '.join(tuned)} are chosen on the validation split"
+            )
 
     def _check_lr_grid(self) -> None:
         if not isinstance(self.lr_grid, dict):
@@ -150,8 +169,9 @@ class ReproduceSettings:
         grid = {}
         for method, rates in self.lr_grid.items():
             if method not in METHODS:
-                raise ValueError(f"lr_grid: unknown method {method!r}; known methods: "
-                                 f"{', '.join(METHOD_NAMES)}")
+                raise ValueError(
+                    f"lr_grid: unknown method {method!r}; known methods: {', '.join(METHOD_NAMES)}"
+                )
             if not METHODS[method].trains:
                 raise ValueError(f"lr_grid: {method} does not train, it takes no learning rate")
             if isinstance(rates, (int, float)):
@@ -200,8 +220,14 @@ class Prepared:
     out: Path
 
 
-def prepare(settings: ReproduceSettings, *, model=None, tokenizer=None, overwrite: bool = False,
-            command: Sequence[str] | None = None) -> Prepared:
+def prepare(
+    settings: ReproduceSettings,
+    *,
+    model=None,
+    tokenizer=None,
+    overwrite: bool = False,
+    command: Sequence[str] | None = None,
+) -> Prepared:
     """Build the tasks, load the model (unless given) and open the results file: every check
     that can fail on bad input (ValueError) happens here, before anything trains."""
     from .models import load_model_and_tokenizer
@@ -214,40 +240,52 @@ def prepare(settings: ReproduceSettings, *, model=None, tokenizer=None, overwrit
     splits = {}
     for task in settings.tasks:
         if task in TASK_NAMES:
-            splits[task] = make_task(task, train_size=settings.train_size,
-                                     validation_size=settings.validation_size,
-                                     test_size=settings.test_size, seed=settings.data_seed,
-                                     max_tokens=settings.listops_max_tokens if task == "listops"
-                                     else None)
+            splits[task] = make_task(
+                task,
+                train_size=settings.train_size,
+                validation_size=settings.validation_size,
+                test_size=settings.test_size,
+                seed=settings.data_seed,
+                max_tokens=settings.listops_max_tokens if task == "listops" else None,
+            )
         else:
-            splits[task] = load_task(task, train_size=settings.train_size,
-                                     validation_size=settings.validation_size,
-                                     test_size=settings.test_size, seed=settings.data_seed)
+            splits[task] = load_task(
+                task,
+                train_size=settings.train_size,
+                validation_size=settings.validation_size,
+                test_size=settings.test_size,
+                seed=settings.data_seed,
+            )
         stored = results["tasks"].get(task)
         if stored is not None and stored["fingerprint"] != fingerprint(splits[task]):
-            raise ValueError(f"tasks: the data of {task} differs from the data in "
-                             f"{out / RESULTS_FILE}; use another --out or --overwrite")
+            raise ValueError(
+                f"tasks: the data of {task} differs from the data in "
+                f"{out / RESULTS_FILE}; use another --out or --overwrite"
+            )
     if model is None or tokenizer is None:
         model, tokenizer = load_model_and_tokenizer(settings.model)
     if tokenizer.pad_token_id is None:
         raise ValueError("model: the tokenizer has no pad token")
     from .data import encode_example
 
-    rows = {task: [encode_example(e, tokenizer, settings.max_length) for e in task_splits.train]
-            for task, task_splits in splits.items()}
+    rows = {
+        task: [encode_example(e, tokenizer, settings.max_length) for e in task_splits.train]
+        for task, task_splits in splits.items()
+    }
     if settings.threads is not None:
         import torch
 
         torch.set_num_threads(settings.threads)
-    results["commands"].append(shlex.join(command) if command is not None
-                               else shlex.join(sys.argv))
+    results["commands"].append(shlex.join(command) if command is not None else shlex.join(sys.argv))
     results["environment"] = environment()
     results["model_parameters"] = sum(p.numel() for p in model.parameters())
     for task, task_splits in splits.items():
-        results["tasks"][task] = {"train": len(task_splits.train),
-                                  "validation": len(task_splits.validation),
-                                  "test": len(task_splits.test),
-                                  "fingerprint": fingerprint(task_splits)}
+        results["tasks"][task] = {
+            "train": len(task_splits.train),
+            "validation": len(task_splits.validation),
+            "test": len(task_splits.test),
+            "fingerprint": fingerprint(task_splits),
+        }
     return Prepared(settings, splits, rows, model, tokenizer, results, out)
 
 
@@ -289,8 +327,7 @@ def execute(prepared: Prepared, *, progress: bool = True) -> ReproduceRun:
     unavailable = {m.name: m.unavailable_reason() for m in settings.selected()}
     results["skipped"] = {name: reason for name, reason in unavailable.items() if reason}
     done = {tuple(run_key(r)) for r in results["runs"]}
-    todo = [run for run in planned_runs(settings)
-            if run not in done and not unavailable[run[1]]]
+    todo = [run for run in planned_runs(settings) if run not in done and not unavailable[run[1]]]
     for name, reason in results["skipped"].items():
         print(f"steer-fast reproduce: skipping {name}: {reason}", file=sys.stderr)
     write_json_atomic(path, results)
@@ -305,12 +342,24 @@ def execute(prepared: Prepared, *, progress: bool = True) -> ReproduceRun:
         if bar is not None:
             bar.close()
     files = [path, *write_report(results, prepared.out)]
-    return ReproduceRun(results, files, time.perf_counter() - start, len(todo),
-                        len(planned_runs(settings)) - len(todo))
+    return ReproduceRun(
+        results,
+        files,
+        time.perf_counter() - start,
+        len(todo),
+        len(planned_runs(settings)) - len(todo),
+    )
 
 
-def run_one(prepared: Prepared, task: str, method_name: str, seed: int | None,
-            learning_rate: float | None, *, progress: bool = True) -> dict[str, Any]:
+def run_one(
+    prepared: Prepared,
+    task: str,
+    method_name: str,
+    seed: int | None,
+    learning_rate: float | None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
     """One run on a fresh copy of the model: build, train, evaluate; returns its record."""
     import transformers
 
@@ -328,30 +377,51 @@ def run_one(prepared: Prepared, task: str, method_name: str, seed: int | None,
     options = {name: getattr(settings, name) for name in method.options}
     adapted = method.build(model, pad, **options)
     record: dict[str, Any] = {
-        "task": task, "method": method_name, "seed": seed, "learning_rate": learning_rate,
+        "task": task,
+        "method": method_name,
+        "seed": seed,
+        "learning_rate": learning_rate,
         "trainable_parameters": adapted.trainable_parameters,
-        "model_parameters": prepared.results["model_parameters"], "details": adapted.details,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
-    record["trainable_percent"] = 100.0 * record["trainable_parameters"] / record[
-        "model_parameters"]
+        "model_parameters": prepared.results["model_parameters"],
+        "details": adapted.details,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+    }
+    record["trainable_percent"] = (
+        100.0 * record["trainable_parameters"] / record["model_parameters"]
+    )
     try:
         if method.trains:
             steps = settings.total_steps(len(splits.train))
             train_settings = TrainSettings(
-                steps=steps, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
-                learning_rate=learning_rate, schedule=method.schedule,
-                warmup_ratio=method.warmup_ratio, seed=seed,
-                measure_memory=settings.measure_memory)
-            trained = train(adapted, prepared.rows[task],
-                            functools.partial(collate, pad_token_id=pad), train_settings,
-                            progress=progress, description=label)
+                steps=steps,
+                batch_size=settings.batch_size,
+                grad_accum=settings.grad_accum,
+                learning_rate=learning_rate,
+                schedule=method.schedule,
+                warmup_ratio=method.warmup_ratio,
+                seed=seed,
+                measure_memory=settings.measure_memory,
+            )
+            trained = train(
+                adapted,
+                prepared.rows[task],
+                functools.partial(collate, pad_token_id=pad),
+                train_settings,
+                progress=progress,
+                description=label,
+            )
             record["train"] = {
-                "steps": steps, "schedule": method.schedule, "warmup_ratio": method.warmup_ratio,
-                "epochs": trained.epochs, "losses": trained.losses,
-                "learning_rates": trained.learning_rates, "step_seconds": trained.step_seconds,
+                "steps": steps,
+                "schedule": method.schedule,
+                "warmup_ratio": method.warmup_ratio,
+                "epochs": trained.epochs,
+                "losses": trained.losses,
+                "learning_rates": trained.learning_rates,
+                "step_seconds": trained.step_seconds,
                 "seconds_per_step": trained.seconds_per_step,
                 "peak_memory_bytes": trained.peak_memory_bytes,
-                "seconds": sum(trained.step_seconds)}
+                "seconds": sum(trained.step_seconds),
+            }
             if adapted.summary is not None:
                 record["train"].update(adapted.summary())
         else:
@@ -360,9 +430,14 @@ def run_one(prepared: Prepared, task: str, method_name: str, seed: int | None,
         if len(settings.learning_rates(method_name)) > 1 and method.trains:
             evaluate_on = {"validation": splits.validation, **evaluate_on}
         for split, examples in evaluate_on.items():
-            record[split] = evaluate(adapted, examples, prepared.tokenizer,
-                                     batch_size=settings.eval_batch_size, progress=progress,
-                                     description=f"{label} {split}").to_dict()
+            record[split] = evaluate(
+                adapted,
+                examples,
+                prepared.tokenizer,
+                batch_size=settings.eval_batch_size,
+                progress=progress,
+                description=f"{label} {split}",
+            ).to_dict()
     finally:
         del adapted, model
         gc.collect()
@@ -399,10 +474,17 @@ def _summary_line(record: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def run_reproduction(settings: ReproduceSettings, *, model=None, tokenizer=None,
-                     overwrite: bool = False, progress: bool = True,
-                     command: Sequence[str] | None = None) -> ReproduceRun:
+def run_reproduction(
+    settings: ReproduceSettings,
+    *,
+    model=None,
+    tokenizer=None,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: Sequence[str] | None = None,
+) -> ReproduceRun:
     """``prepare`` then ``execute``: the whole reproduction from Python."""
-    prepared = prepare(settings, model=model, tokenizer=tokenizer, overwrite=overwrite,
-                       command=command)
+    prepared = prepare(
+        settings, model=model, tokenizer=tokenizer, overwrite=overwrite, command=command
+    )
     return execute(prepared, progress=progress)

@@ -290,8 +290,9 @@ def _generate_arithmetic(rng: random.Random, max_tokens: int | None) -> str | No
     groups = []
     for _ in range(2):
         numbers = [str(rng.randint(-9, 9)) for _ in range(rng.randint(*ARITHMETIC_GROUP_SIZES))]
-        groups.append("(" + numbers[0] + "".join(f" {rng.choice('+-*')} {n}" for n in numbers[1:])
-                      + ")")
+        groups.append(
+            "(" + numbers[0] + "".join(f" {rng.choice('+-*')} {n}" for n in numbers[1:]) + ")"
+        )
     expression = f"({groups[0]} {rng.choice('+-*')} {groups[1]})"
     if max_tokens is not None and len(expression.split()) > max_tokens:
         return None
@@ -354,7 +355,8 @@ def make_task(
         raise ValueError(f"seed must be an integer, got {seed!r}")
     spec = _TASKS[name]
     if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+        isinstance(max_tokens, bool)
+        or not isinstance(max_tokens, int)
         or max_tokens < spec.min_tokens
     ):
         raise ValueError(
@@ -364,7 +366,12 @@ def make_task(
     seen: set[str] = set()
     splits = {
         argument.removesuffix("_size"): _generate_split(
-            spec, name, argument, size, random.Random(f"{name}:{seed}:{argument}"), seen,
+            spec,
+            name,
+            argument,
+            size,
+            random.Random(f"{name}:{seed}:{argument}"),
+            seen,
             max_tokens,
         )
         for argument, size in sizes.items()
@@ -447,5 +454,10 @@ def load_task(
     formats are ``steer_fast.reproduce.data.load_splits``'s."""
     from .data import load_splits  # data.py imports this module
 
-    return load_splits(source, train_size=train_size, validation_size=validation_size,
-                       test_size=test_size, seed=seed)
+    return load_splits(
+        source,
+        train_size=train_size,
+        validation_size=validation_size,
+        test_size=test_size,
+        seed=seed,
+    )

@@ -103,8 +103,10 @@ def data_order(n_examples: int, settings: TrainSettings) -> list[StepPlan]:
     plans, per_step = [], settings.grad_accum * settings.batch_size
     for step in range(settings.steps):
         start = step * per_step
-        batches = [stream[start + i * settings.batch_size: start + (i + 1) * settings.batch_size]
-                   for i in range(settings.grad_accum)]
+        batches = [
+            stream[start + i * settings.batch_size : start + (i + 1) * settings.batch_size]
+            for i in range(settings.grad_accum)
+        ]
         starts = any(start <= s < start + per_step for s in epoch_starts)
         plans.append(StepPlan(batches, starts))
     return plans
@@ -115,9 +117,15 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def train(adapted: Adapted, examples: Sequence[dict[str, list[int]]], collate,
-          settings: TrainSettings, *, progress: bool = True, description: str = "train"
-          ) -> TrainResult:
+def train(
+    adapted: Adapted,
+    examples: Sequence[dict[str, list[int]]],
+    collate,
+    settings: TrainSettings,
+    *,
+    progress: bool = True,
+    description: str = "train",
+) -> TrainResult:
     """Train ``adapted`` on the encoded ``examples`` (``data.encode_example`` rows);
     ``collate(rows) -> batch`` pads them. Returns the losses, times and peak memory."""
     from transformers import get_scheduler
@@ -126,18 +134,24 @@ def train(adapted: Adapted, examples: Sequence[dict[str, list[int]]], collate,
         raise ValueError("the method has no trainable parameters")
     plans = data_order(len(examples), settings)
     optimizer = torch.optim.AdamW(adapted.parameters, lr=settings.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler(settings.schedule, optimizer,
-                              num_warmup_steps=math.ceil(settings.warmup_ratio * settings.steps),
-                              num_training_steps=settings.steps)
+    scheduler = get_scheduler(
+        settings.schedule,
+        optimizer,
+        num_warmup_steps=math.ceil(settings.warmup_ratio * settings.steps),
+        num_training_steps=settings.steps,
+    )
     device = adapted.parameters[0].device
     profiled = min(1, settings.steps - 1) if settings.measure_memory else -1
-    result = TrainResult(epochs=settings.steps * settings.grad_accum * settings.batch_size
-                         / len(examples))
+    result = TrainResult(
+        epochs=settings.steps * settings.grad_accum * settings.batch_size / len(examples)
+    )
     adapted.module.train()
 
     def optimizer_step(plan: StepPlan) -> float:
-        batches = [{k: v.to(device) for k, v in collate([examples[i] for i in b]).items()}
-                   for b in plan.micro_batches]
+        batches = [
+            {k: v.to(device) for k, v in collate([examples[i] for i in b]).items()}
+            for b in plan.micro_batches
+        ]
         total_tokens = max(1, sum(supervised_tokens(b["labels"]) for b in batches))
         step_loss = 0.0
         for batch in batches:
@@ -165,7 +179,9 @@ def train(adapted: Adapted, examples: Sequence[dict[str, list[int]]], collate,
                 losses: list[float] = []
                 result.peak_memory_bytes = measure_peak_memory(
                     functools.partial(lambda p, out: out.append(optimizer_step(p)), plan, losses),
-                    device, resident=[adapted.module, optimizer, *adapted.parameters])
+                    device,
+                    resident=[adapted.module, optimizer, *adapted.parameters],
+                )
                 loss = losses[0]
             else:
                 loss = optimizer_step(plan)
