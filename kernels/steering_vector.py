@@ -62,18 +62,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
-# The launch record, the row addressing of 2-D / 3-D strided tensors and the SM count are shared
-# with post_block_steer's kernels.
-from .post_block_steer import (
-    KernelLaunch,
-    LaunchPlan,
-    _load_hidden_tile,
-    _num_sms,
-    _row_offsets,
-    _row_strides,
-)
+from .launch import KernelLaunch, LaunchPlan, num_sms, row_strides, token_splits
+from .tiles import load_hidden_tile, row_offsets
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
@@ -108,10 +99,10 @@ def _steering_vector_forward_kernel(
     row_mask = rows < n_rows
     col_mask = cols < hidden_size
     mask = row_mask[:, None] & col_mask[None, :]
-    hidden_rows = _row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = _row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
+    hidden_rows = row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
+    residual_rows = row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
     # Every element is read once: nothing is worth keeping in L2.
-    h = _load_hidden_tile(
+    h = load_hidden_tile(
         hidden_ptr,
         residual_ptr,
         hidden_rows,
@@ -167,7 +158,7 @@ def _steering_vector_backward_kernel(
     row_end = tl.minimum(row_start + rows_per_split, n_rows)
     for block_start in range(row_start, row_end, BLOCK_M):
         rows = block_start + tl.arange(0, BLOCK_M)
-        grad_rows = _row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
+        grad_rows = row_offsets(rows, rows_per_outer, stride_grad_outer, stride_grad_inner)
         g = tl.load(
             grad_out_ptr + grad_rows[:, None] + cols[None, :] * stride_grad_col,
             mask=(rows < row_end)[:, None] & col_mask[None, :],
@@ -222,8 +213,8 @@ _BACKWARD_MAX_BLOCK_D = 256
 _REDUCE_BLOCK_D = 1024
 # The backward's split count: programs per SM it aims for over all column tiles, and the fewest
 # tokens a split covers.
-_PROGRAMS_PER_SM = 4
-_MIN_TOKENS_PER_SPLIT = 128
+PROGRAMS_PER_SM = 4
+MIN_TOKENS_PER_SPLIT = 128
 
 
 @dataclass(frozen=True)
@@ -253,7 +244,7 @@ def _padded_width(hidden_size: int) -> int:
 
 # The tiles hold up to _TILE_ELEMENTS elements: the full (padded) row up to 512 columns forward
 # and 256 backward, rows (at most 64) making up the rest. They compile for sm_90 without spills
-# (bench/compile_check.py: 48-96 registers forward, 70-92 backward, no stack) and are chosen
+# (bench/dev/compile_check.py: 48-96 registers forward, 70-92 backward, no stack) and are chosen
 # from those register and traffic figures, not yet from GPU timings.
 def _tile(hidden_size: int, max_block_d: int) -> tuple[int, int]:
     block_d = min(_padded_width(hidden_size), max_block_d)
@@ -270,18 +261,6 @@ def default_backward_config(hidden_size: int) -> BackwardConfig:
     """Backward tile for d = ``hidden_size`` (any dtype, any token count)."""
     block_m, block_d = _tile(hidden_size, _BACKWARD_MAX_BLOCK_D)
     return BackwardConfig(block_m=block_m, block_d=block_d)
-
-
-def _token_splits(n_rows: int, block_m: int, n_col_tiles: int, num_sms: int) -> int:
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, n_col_tiles)
-    limit = min(triton.cdiv(n_rows, _MIN_TOKENS_PER_SPLIT), triton.cdiv(n_rows, block_m))
-    return max(1, min(wanted, limit))
-
-
-def interpreted() -> bool:
-    """True when these kernels were built for the Triton interpreter (TRITON_INTERPRET=1 was set
-    when this module was first imported): they then run on CPU tensors, in numpy."""
-    return isinstance(_steering_vector_forward_kernel, InterpretedFunction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +305,8 @@ def plan_forward(
         n_rows=n_rows,
         hidden_size=hidden_size,
         rows_per_outer=max(hidden.shape[-2], 1),
-        **_row_strides("hidden", hidden),
-        **_row_strides("residual", residual if residual is not None else hidden),
+        **row_strides("hidden", hidden),
+        **row_strides("residual", residual if residual is not None else hidden),
         stride_bias=bias.stride(0),
         scale=float(scale),
         HAS_RESIDUAL=residual is not None,
@@ -359,7 +338,14 @@ def plan_backward(
 
     config = config or default_backward_config(hidden_size)
     n_col_tiles = triton.cdiv(hidden_size, config.block_d)
-    splits = config.splits or _token_splits(n_rows, config.block_m, n_col_tiles, _num_sms(device))
+    splits = config.splits or token_splits(
+        n_rows,
+        config.block_m,
+        n_col_tiles,
+        num_sms(device),
+        programs_per_sm=PROGRAMS_PER_SM,
+        min_tokens_per_split=MIN_TOKENS_PER_SPLIT,
+    )
     n_row_blocks = triton.cdiv(n_rows, config.block_m)
     rows_per_split = triton.cdiv(n_row_blocks, splits) * config.block_m
     splits = triton.cdiv(n_rows, rows_per_split)  # no empty splits
@@ -381,7 +367,7 @@ def plan_backward(
             hidden_size=hidden_size,
             rows_per_outer=max(grad_out.shape[-2], 1),
             rows_per_split=rows_per_split,
-            **_row_strides("grad", grad_out),
+            **row_strides("grad", grad_out),
             scale=float(scale),
             FINAL=final,
             BLOCK_M=config.block_m,
@@ -415,7 +401,7 @@ def steering_vector_forward(
     config: ForwardConfig | None = None,
 ) -> torch.Tensor:
     """Run the fused forward; returns ``out``. Inputs are assumed validated
-    (steer_fast.vector_op does that)."""
+    (``steer_fast.ops.steering_vector`` does that)."""
     plan = plan_forward(hidden, bias, residual, scale, config)
     for launch in plan.launches:
         launch()

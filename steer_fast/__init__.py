@@ -10,15 +10,16 @@ with the base model frozen and only D, U and the biases trained.
 import importlib
 from typing import Any
 
-from .activations import ACTIVATIONS
 from .adapter import PostBlockAdapter, SteeringVector
 from .config import SteerConfig
+from .injection import find_decoder_layers
 from .mixed_batch import BASE_ADAPTER_NAME
 from .model import SteerModel, get_steer_model
-from .multi_adapter_op import multi_adapter_steer
-from .ops import post_block_steer, resolve_backend
+from .ops import ACTIVATIONS, resolve_backend
+from .ops.multi_adapter_steer import multi_adapter_steer
+from .ops.post_block_steer import post_block_steer
+from .ops.steering_vector import steering_vector
 from .orthogonality import OrthogonalityConfig
-from .vector_op import steering_vector
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "SteerConfig",
     "SteerModel",
     "SteeringVector",
+    "find_decoder_layers",
     "get_joint_model",
     "get_steer_model",
     "multi_adapter_steer",

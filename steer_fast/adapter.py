@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .config import INITS, SteerConfig
-from .ops import post_block_steer
-from .validation import check_activation, check_backend, check_scale
-from .vector_op import steering_vector
+from .ops.backend import check_backend
+from .ops.checks import check_activation, check_scale
+from .ops.post_block_steer import post_block_steer
+from .ops.steering_vector import steering_vector
 
 # The published init scales the Kaiming-uniform down-projection by this factor.
 PUBLISHED_DOWN_SCALE = 1e-3

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .validation import BACKENDS, TORCH_DTYPES, TRITON_DTYPES, check_activation, check_scale
+from .ops import BACKENDS, TORCH_DTYPES, TRITON_DTYPES
+from .ops.checks import check_activation, check_scale
 
 STEER_TYPE = "post_block"
 # 2: rank 0 (steering vectors), sites, the init option.

@@ -21,9 +21,8 @@ from .adapter import make_steering
 from .block import PATH_FUSED, PATH_PLAIN, LayerPlan, SteeredBlock
 from .config import SteerConfig
 from .families import branch_end_paths, check_fused_layer, family_for
-from .ops import resolve_backend
+from .ops import TORCH_DTYPES, resolve_backend
 from .shims import layer_forward_function
-from .validation import TORCH_DTYPES
 from .wrapper import SteeringWrapper
 
 # Where decoder layers live when ``_no_split_modules`` does not say (and to break ties).

@@ -134,7 +134,7 @@ def mixed_site_steerer(
     at ``site`` (plus residual when given), for the adapters ``members`` (name -> module) that
     steer ``site`` in this block. ``cache`` is the block's: slot tables, scale tables and, when
     nothing is recorded for autograd, the stacked weights."""
-    from .multi_adapter_op import multi_adapter_steer
+    from .ops.multi_adapter_steer import multi_adapter_steer
 
     names = tuple(members)
     modules = tuple(members.values())

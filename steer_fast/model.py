@@ -32,6 +32,7 @@ from .injection import (
 )
 from .mixed_batch import DEFAULT_ADAPTER_NAME
 from .named_adapters import NamedAdapters
+from .ops.checks import check_scale
 from .saved_state import (
     NAMED_ADAPTERS_KEY,
     check_is_trainable,
@@ -42,7 +43,6 @@ from .saved_state import (
     with_backend,
 )
 from .saving import save_directory_atomically
-from .validation import check_scale
 from .wrapper import SteeringWrapper
 
 

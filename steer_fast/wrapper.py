@@ -39,6 +39,7 @@ from torch import nn
 
 from .adapter import Steering
 from .block import SteeredBlock, adapter_attribute
+from .ops.checks import check_scale
 from .saved_state import (
     EXTRA_STATE_KEY,
     decode_state,
@@ -47,7 +48,6 @@ from .saved_state import (
     steering_file_key,
 )
 from .shims import trl_fused_lm_head
-from .validation import check_scale
 
 if TYPE_CHECKING:
     from .config import SteerConfig

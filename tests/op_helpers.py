@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steer_fast.reference import reference_post_block_steer
+from steer_fast.ops import reference_post_block_steer
 
 # Errors are measured relative to the largest magnitude of the reference tensor, so that one
 # tolerance serves values of every size. fp32: 1e-5 (observed up to ~1.3e-6).

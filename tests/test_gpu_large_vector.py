@@ -9,7 +9,7 @@ import torch
 
 from steer_fast import steering_vector
 from steer_fast.kernels import steering_vector as kernels
-from steer_fast.reference import reference_steering_vector
+from steer_fast.ops import reference_steering_vector
 
 from op_helpers import TOLERANCES, assert_close
 

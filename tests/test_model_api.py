@@ -12,7 +12,7 @@ from torch import nn
 
 from steer_fast import PostBlockAdapter, SteerConfig, SteerModel, get_steer_model
 from steer_fast.injection import find_decoder_layers, inject_steering, remove_steering
-from steer_fast.reference import reference_post_block_steer
+from steer_fast.ops import reference_post_block_steer
 
 from tiny_models import (
     ALL_FAMILIES,

@@ -9,7 +9,7 @@ import torch
 from steer_fast import PostBlockAdapter, SteerConfig, get_steer_model
 from steer_fast.block import steer_hidden_states
 from steer_fast.families import PRE_NORM, run_fused_block
-from steer_fast.reference import reference_post_block_steer
+from steer_fast.ops import reference_post_block_steer
 
 from tiny_models import (
     add_reference_steering,

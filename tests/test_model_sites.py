@@ -10,7 +10,7 @@ import transformers
 
 from steer_fast import SteerConfig, SteerModel, get_steer_model
 from steer_fast.adapter import SteeringVector
-from steer_fast.reference import reference_post_block_steer
+from steer_fast.ops import reference_post_block_steer
 
 from tiny_models import (
     HIDDEN_SIZE,

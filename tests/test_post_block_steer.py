@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import steer_fast
-from steer_fast import ACTIVATIONS, post_block_steer, torch_backend
+from steer_fast import ACTIVATIONS, post_block_steer
 from steer_fast.kernels import post_block_steer as kernels
+from steer_fast.ops import activation_id, post_block_steer_torch
 
 from op_helpers import (
     TOLERANCES,
@@ -160,8 +161,9 @@ def test_explicit_kernel_configs(forward_config, backward_config, device):
     activation, scale = "silu", -0.6
     detached = [None if t is None else t.detach() for t in inputs.tensors()]
     hidden, down, up, down_bias, up_bias, residual = detached
+    phi = activation_id(activation)
     forward = kernels.post_block_steer_forward(
-        hidden, down, up, down_bias, up_bias, residual, activation, scale, config=forward_config
+        hidden, down, up, down_bias, up_bias, residual, phi, scale, config=forward_config
     )
     backward = kernels.post_block_steer_backward(
         grad_out,
@@ -170,7 +172,7 @@ def test_explicit_kernel_configs(forward_config, backward_config, device):
         down,
         up,
         up_bias,
-        activation,
+        phi,
         scale,
         config=backward_config,
     )
@@ -339,10 +341,10 @@ def test_one_tensor_order_from_the_op_to_the_kernels():
         "backend",
     ]
     for function, order in [
-        (torch_backend.forward, forward),
+        (post_block_steer_torch.forward, forward),
         (kernels.plan_forward, forward),
         (kernels.post_block_steer_forward, forward),
-        (torch_backend.backward, backward),
+        (post_block_steer_torch.backward, backward),
         (kernels.plan_backward, backward),
         (kernels.post_block_steer_backward, backward),
     ]:

@@ -8,7 +8,6 @@ On a machine without a GPU, backend="triton" runs the real Triton kernels under 
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -18,14 +17,11 @@ import torch
 
 import steer_fast
 from steer_fast import steering_vector
-from steer_fast.kernels import post_block_steer as post_block_kernels
+from steer_fast.kernels import launch as kernel_launch
 from steer_fast.kernels import steering_vector as kernels
-from steer_fast.reference import reference_steering_vector
-from steer_fast.traffic import TrafficCounter
+from steer_fast.ops import reference_steering_vector, steering_vector_torch
 
 from op_helpers import TOLERANCES, assert_close
-
-op_module = importlib.import_module("steer_fast.vector_op")
 
 BACKENDS = ["triton", "torch"]
 FORWARD_KERNEL = "_steering_vector_forward_kernel"
@@ -108,13 +104,13 @@ def check_against_reference(inputs, scale, backend, rel, grad_out=None):
 def launches(monkeypatch):
     """The names of the Triton kernels launched (every launcher runs ``KernelLaunch``es)."""
     names: list[str] = []
-    original = post_block_kernels.KernelLaunch.__call__
+    original = kernel_launch.KernelLaunch.__call__
 
     def counted(launch):
         names.append(launch.kernel.__name__)
         return original(launch)
 
-    monkeypatch.setattr(post_block_kernels.KernelLaunch, "__call__", counted)
+    monkeypatch.setattr(kernel_launch.KernelLaunch, "__call__", counted)
     return names
 
 
@@ -268,7 +264,9 @@ def test_triton_backward_is_deterministic(device):
     assert torch.equal(first, second)
 
 
-@pytest.mark.skipif(not kernels.interpreted(), reason="bit equality holds without FMA contraction")
+@pytest.mark.skipif(
+    not kernel_launch.interpreted(), reason="bit equality holds without FMA contraction"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_backends_agree_bit_for_bit(dtype):
     """Both paths round h, form h + s b in fp32 and round once: identical outputs.
@@ -368,42 +366,6 @@ def test_kernel_launches(launches, device):
     assert launches == []
 
 
-@pytest.mark.skipif(not kernels.interpreted(), reason="counts interpreter loads and stores")
-@pytest.mark.parametrize("residual", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_traffic_is_the_minimum(dtype, residual):
-    """Forward: read hidden (and residual), write out, plus b once per row block. Backward: read
-    g once, plus the [splits, d] fp32 partials written and read once, and db written."""
-    n_tokens, hidden_size = 200, 1000
-    inputs = make_inputs((n_tokens, hidden_size), residual=residual, dtype=dtype)
-    hidden, bias, res = (None if t is None else t.detach() for t in inputs.tensors())
-    grad_out = torch.randn(n_tokens, hidden_size).to(dtype)
-    element = hidden.element_size()
-    dense = n_tokens * hidden_size * element
-
-    forward_plan = kernels.plan_forward(hidden, bias, res, 0.5)
-    with TrafficCounter() as forward:
-        kernels.steering_vector_forward(hidden, bias, res, 0.5)
-    row_blocks = forward_plan.launches[0].grid[0]
-    assert set(forward.by_kernel) == {FORWARD_KERNEL}
-    assert forward.by_kernel[FORWARD_KERNEL].launches == 1
-    assert forward.by_kernel[FORWARD_KERNEL].store_bytes == dense
-    assert forward.by_kernel[FORWARD_KERNEL].load_bytes == (
-        (2 if residual else 1) * dense + row_blocks * hidden_size * element
-    )
-
-    backward_plan = kernels.plan_backward(grad_out, 0.5)
-    splits = backward_plan.launches[0].grid[1]
-    assert splits == 2
-    with TrafficCounter() as backward:
-        kernels.steering_vector_backward(grad_out, 0.5)
-    partials = splits * hidden_size * 4
-    assert backward.by_kernel[BACKWARD_KERNEL].load_bytes == dense
-    assert backward.by_kernel[BACKWARD_KERNEL].store_bytes == partials
-    assert backward.by_kernel[REDUCE_KERNEL].load_bytes == partials
-    assert backward.by_kernel[REDUCE_KERNEL].store_bytes == hidden_size * element
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_calls_match_autograd_calls(backend, device):
     """Without autograd the op skips the registered op's dispatch; results are identical."""
@@ -450,13 +412,13 @@ def test_one_tensor_order_from_the_op_to_the_kernels():
         "backend",
     ]
     for function in [
-        op_module.torch_forward,
+        steering_vector_torch.forward,
         kernels.plan_forward,
         kernels.steering_vector_forward,
     ]:
         assert list(inspect.signature(function).parameters)[:4] == forward, function
     for function in [
-        op_module.torch_backward,
+        steering_vector_torch.backward,
         kernels.plan_backward,
         kernels.steering_vector_backward,
     ]:

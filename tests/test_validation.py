@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import steer_fast.ops
+import steer_fast.ops.post_block_steer as op_module
 from steer_fast import post_block_steer, resolve_backend
 
 from op_helpers import make_inputs
@@ -62,8 +62,8 @@ def test_bad_input_raises_before_any_launch(change, words, monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the op ran on invalid input")
 
-    monkeypatch.setattr(steer_fast.ops, "_forward_op", must_not_run)
-    monkeypatch.setattr(steer_fast.ops, "_forward_impl", must_not_run)
+    monkeypatch.setattr(op_module, "_forward_op", must_not_run)
+    monkeypatch.setattr(op_module, "_forward_impl", must_not_run)
     arguments = {**_arguments(), "activation": "silu", "scale": 1.0, "backend": "torch", **change}
     tensors = [
         arguments.pop(name)
@@ -86,7 +86,7 @@ def test_auto_backend_on_cpu_is_torch():
 def test_the_guard_sees_both_entry_points(monkeypatch):
     """Valid input reaches the op through one of the two patched entry points."""
     calls = []
-    monkeypatch.setattr(steer_fast.ops, "_forward_impl", lambda *a: calls.append(a) or (a[0], a[0]))
+    monkeypatch.setattr(op_module, "_forward_impl", lambda *a: calls.append(a) or (a[0], a[0]))
     arguments = _arguments()
     tensors = [
         arguments.pop(name)

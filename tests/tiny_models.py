@@ -17,7 +17,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from torch import nn
 
 from steer_fast import PostBlockAdapter
-from steer_fast.reference import reference_post_block_steer
+from steer_fast.ops import reference_post_block_steer
 
 VOCAB_SIZE = 128
 HIDDEN_SIZE = 32

@@ -52,7 +52,6 @@ from ..saved_state import (
 )
 from ..saving import save_directory_atomically
 from ..shims import peft_adapter_layers_enabled
-from ..validation import check_learning_rate
 from ..wrapper import AdapterSwitch, SteeringWrapper, full_tensor
 from .constraint import LORA_ADAPTER_NAME, OrthogonalityConstraint
 from .files import (
@@ -68,7 +67,7 @@ from .files import (
     peft_config_to_save,
     read_saved_joint,
 )
-from .plan import ModelSnapshot, plan_joint
+from .plan import ModelSnapshot, check_learning_rate, plan_joint
 
 INFERENCE_MODES: tuple[str, ...] = ("lora_only", "adapter_only", "all")
 

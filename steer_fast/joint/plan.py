@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,15 @@ from ..families import family_for, residual_writer_paths
 from ..injection import SteeringPlan, plan_steering
 from ..orthogonality import OrthogonalityConfig
 from ..wrapper import SteeringWrapper
+
+
+def check_learning_rate(name: str, value: object) -> float:
+    """A learning rate: a finite number >= 0; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)

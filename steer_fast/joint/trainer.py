@@ -20,8 +20,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import nested_gather
 
 from ..shims import trainer_accumulation_steps, trainer_loss_is_scaled
-from ..validation import check_learning_rate
 from .model import JointModel
+from .plan import check_learning_rate
 
 
 class _OrthogonalityCallback(TrainerCallback):
