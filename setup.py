@@ -26,9 +26,17 @@ setup(
         "numpy",
     ],
     extras_require={
-        # trl: the tests train with TRL's SFT and GRPO trainers (tests/test_trl.py); the
+        # trl: the tests train with TRL's SFT and GRPO trainers (tests/test_trl.py); gguf and
+        # accelerate load the README's real model (tests/test_quickstart.py); the
         # microbenchmarks in bench/dev use pytest-benchmark.
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "trl>=1.16"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "ruff>=0.6",
+            "trl>=1.16",
+            "gguf>=0.10",
+            "accelerate>=0.26",
+        ],
         # TRL's trainers (SFTTrainer, GRPOTrainer, ...) accept steer_fast models as they are.
         "trl": ["trl>=1.16"],
     },

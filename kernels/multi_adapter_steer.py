@@ -40,7 +40,7 @@ valid when the routing changes). The threshold is a guess, NOT a measurement: no
 available when this was written. ``bench/dev/multi_adapter_switch.py`` measures the switch point
 (both paths over N and A, at the model's d and R) on a GPU; set the constant from it.
 
-Backward (three launches, ``multi_adapter_steer_backward``). Whatever path the
+Backward (three launches of the kernels in ``multi_adapter_steer_backward``). Whatever path the
 forward took, the backward sorts the tokens by slot again (cheap, and the order is
 deterministic), because the weight gradients are per-slot reductions:
     1. rows kernel, a program per slot block: s_r = g U_a (tl.dot on the slot's tiles) and gz.
@@ -58,6 +58,11 @@ interpreter for bf16, whose bf16 dot is wrong (triton#11584); see ``dot_types``.
 one constexpr when every steering slot shares it, else a per-slot id read from an [A] table and a
 tl.where chain over the ids present (``multi_adapter_steer_common.activate_slot``). Row offsets are
 int64; hidden, residual and grad_out may be 2-D or 3-D with any strides; the weights any strides.
+
+Files. This module plans and launches (``plan_forward``, ``plan_backward``, the two launchers);
+the jit kernels are in ``multi_adapter_steer_forward`` (gather, grouped) and
+``multi_adapter_steer_backward`` (rows, columns, reduction), and what they share (per-slot
+activations, the slot-block table, block shapes) in ``multi_adapter_steer_common``.
 """
 
 from __future__ import annotations
@@ -67,29 +72,41 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
-from .launch import KernelLaunch, LaunchPlan, dot_types, padded_rank, row_strides
+from .launch import (
+    KernelLaunch,
+    LaunchPlan,
+    dot_types,
+    num_sms,
+    padded_rank,
+    row_strides,
+    token_splits,
+)
 from .multi_adapter_steer_backward import (
-    MultiSteerBackward,
-    multi_adapter_steer_backward,
-    plan_backward,
+    multi_backward_cols_kernel,
+    multi_backward_rows_kernel,
+    reduce_slot_grads_kernel,
 )
 from .multi_adapter_steer_common import (
     MultiAdapterConfig,
     SlotBlocks,
-    activate_slot,
     activation_kwargs,
+    cut_slot_blocks,
     default_gather_config,
     default_grouped_config,
     gather_rank,
     plan_slot_blocks,
     rows_per_outer,
-    slot_activation,
+    sort_by_slot,
     weight_strides,
 )
-from .post_block_steer_backward import BackwardConfig
-from .tiles import down_projection_pass, load_hidden_tile, row_offsets, steer_output_pass
+from .multi_adapter_steer_forward import gather_forward_kernel, grouped_forward_kernel
+from .post_block_steer_backward import (
+    MIN_TOKENS_PER_SPLIT,
+    PROGRAMS_PER_SM,
+    BackwardConfig,
+    default_backward_config,
+)
 
 __all__ = [
     "GROUPED_MIN_ROWS_PER_SLOT",
@@ -108,283 +125,20 @@ __all__ = [
 # measured on a GPU (see the module docstring): at 32 rows a slot fills one grouped block.
 GROUPED_MIN_ROWS_PER_SLOT = 32
 
-
-@triton.jit
-def _gather_forward_kernel(
-    hidden_ptr,
-    down_weights_ptr,
-    up_weights_ptr,
-    down_biases_ptr,
-    up_biases_ptr,
-    residual_ptr,
-    adapter_index_ptr,
-    scales_ptr,
-    activation_ids_ptr,
-    out_ptr,
-    z_ptr,
-    n_rows,
-    n_slots,
-    hidden_size,
-    rank,
-    rows_per_outer,
-    stride_hidden_outer,
-    stride_hidden_inner,
-    stride_hidden_col,
-    stride_residual_outer,
-    stride_residual_inner,
-    stride_residual_col,
-    stride_down_slot,
-    stride_down_rank,
-    stride_down_col,
-    stride_up_slot,
-    stride_up_col,
-    stride_up_rank,
-    stride_up_bias_slot,
-    stride_up_bias_col,
-    ACTIVATION: tl.constexpr,
-    ACTIVATION_SET: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr,
-    HAS_UP_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    R_PAD: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
-    slots = tl.load(adapter_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    # Out-of-range slots (possible only with the index check off) steer nothing rather than
-    # reading outside the weights.
-    steered = row_mask & (slots > 0) & (slots < n_slots)
-    slots = tl.where(steered, slots, 0)
-    scale = tl.load(scales_ptr + rows, mask=steered, other=0.0).to(tl.float32)
-    hidden_rows = row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
-    ranks = tl.arange(0, R_PAD)
-    rank_mask = ranks < rank
-    weight_mask = steered[:, None, None] & rank_mask[None, :, None]
-    down_rows = down_weights_ptr + slots[:, None, None] * stride_down_slot
-    down_rows += ranks[None, :, None] * stride_down_rank
-    up_rows = up_weights_ptr + slots[:, None, None] * stride_up_slot
-    up_rows += ranks[None, :, None] * stride_up_rank
-
-    z = tl.zeros((BLOCK_M, R_PAD), tl.float32)
-    for start in range(0, hidden_size, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_mask = cols < hidden_size
-        h = load_hidden_tile(
-            hidden_ptr,
-            residual_ptr,
-            hidden_rows,
-            residual_rows,
-            cols,
-            row_mask[:, None] & col_mask[None, :],
-            stride_hidden_col,
-            stride_residual_col,
-            HAS_RESIDUAL,
-            "evict_last",
-        )
-        down = tl.load(
-            down_rows + cols[None, None, :] * stride_down_col,
-            mask=weight_mask & col_mask[None, None, :],
-            other=0.0,
-        )
-        z += tl.sum(h.to(tl.float32)[:, None, :] * down.to(tl.float32), axis=2)
-    small_mask = steered[:, None] & rank_mask[None, :]
-    if HAS_DOWN_BIAS:
-        # down_biases is contiguous [A, R] (the launcher makes it so).
-        z += tl.load(
-            down_biases_ptr + slots[:, None] * rank + ranks[None, :], mask=small_mask, other=0.0
-        ).to(tl.float32)
-    tl.store(
-        z_ptr + rows[:, None] * rank + ranks[None, :],
-        z,
-        mask=row_mask[:, None] & rank_mask[None, :],
-    )
-    if ACTIVATION >= 0:
-        act = 0
-    else:
-        act = tl.load(activation_ids_ptr + slots, mask=steered, other=0)[:, None]
-    a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
-
-    for start in range(0, hidden_size, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_mask = cols < hidden_size
-        mask = row_mask[:, None] & col_mask[None, :]
-        h = load_hidden_tile(
-            hidden_ptr,
-            residual_ptr,
-            hidden_rows,
-            residual_rows,
-            cols,
-            mask,
-            stride_hidden_col,
-            stride_residual_col,
-            HAS_RESIDUAL,
-            "evict_first",
-        )
-        up = tl.load(
-            up_rows + cols[None, None, :] * stride_up_col,
-            mask=weight_mask & col_mask[None, None, :],
-            other=0.0,
-        )
-        delta = tl.sum(a[:, :, None] * up.to(tl.float32), axis=1)
-        if HAS_UP_BIAS:
-            delta += tl.load(
-                up_biases_ptr
-                + slots[:, None] * stride_up_bias_slot
-                + cols[None, :] * stride_up_bias_col,
-                mask=steered[:, None] & col_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        steered_out = (h.to(tl.float32) + scale[:, None] * delta).to(h.dtype)
-        # Slot-0 rows store h itself: bit-identical (h + 0 would turn -0.0 into +0.0).
-        out = tl.where(steered[:, None], steered_out, h)
-        tl.store(out_ptr + rows[:, None] * hidden_size + cols[None, :], out, mask=mask)
-
-
-@triton.jit
-def _grouped_forward_kernel(
-    hidden_ptr,
-    down_weights_ptr,
-    up_weights_ptr,
-    down_biases_ptr,
-    up_biases_ptr,
-    residual_ptr,
-    scales_ptr,
-    activation_ids_ptr,
-    order_ptr,
-    block_slot_ptr,
-    block_start_ptr,
-    block_end_ptr,
-    out_ptr,
-    z_ptr,
-    hidden_size,
-    rank,
-    rows_per_outer,
-    stride_hidden_outer,
-    stride_hidden_inner,
-    stride_hidden_col,
-    stride_residual_outer,
-    stride_residual_inner,
-    stride_residual_col,
-    stride_down_slot,
-    stride_down_rank,
-    stride_down_col,
-    stride_up_slot,
-    stride_up_col,
-    stride_up_rank,
-    stride_up_bias_slot,
-    stride_up_bias_col,
-    ACTIVATION: tl.constexpr,
-    ACTIVATION_SET: tl.constexpr,
-    HAS_DOWN_BIAS: tl.constexpr,
-    HAS_UP_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    R_PAD: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    slot = tl.load(block_slot_ptr + pid).to(tl.int64)
-    positions = tl.load(block_start_ptr + pid) + tl.arange(0, BLOCK_M)
-    row_mask = positions < tl.load(block_end_ptr + pid)
-    rows = tl.load(order_ptr + positions, mask=row_mask, other=0)
-    hidden_rows = row_offsets(rows, rows_per_outer, stride_hidden_outer, stride_hidden_inner)
-    residual_rows = row_offsets(rows, rows_per_outer, stride_residual_outer, stride_residual_inner)
-    ranks = tl.arange(0, R_PAD)
-    rank_mask = ranks < rank
-    z_offsets = rows[:, None] * rank + ranks[None, :]
-    z_mask = row_mask[:, None] & rank_mask[None, :]
-
-    if slot == 0:
-        # No steering: out = h (one read, one write) and z = 0.
-        tl.store(z_ptr + z_offsets, tl.zeros((BLOCK_M, R_PAD), tl.float32), mask=z_mask)
-        for start in range(0, hidden_size, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            mask = row_mask[:, None] & (cols < hidden_size)[None, :]
-            h = load_hidden_tile(
-                hidden_ptr,
-                residual_ptr,
-                hidden_rows,
-                residual_rows,
-                cols,
-                mask,
-                stride_hidden_col,
-                stride_residual_col,
-                HAS_RESIDUAL,
-                "evict_first",
-            )
-            tl.store(out_ptr + rows[:, None] * hidden_size + cols[None, :], h, mask=mask)
-    else:
-        scale = tl.load(scales_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        z = down_projection_pass(
-            hidden_ptr,
-            residual_ptr,
-            hidden_rows,
-            residual_rows,
-            row_mask,
-            down_weights_ptr + slot * stride_down_slot,
-            ranks,
-            rank_mask,
-            hidden_size,
-            stride_hidden_col,
-            stride_residual_col,
-            stride_down_col,
-            stride_down_rank,
-            HAS_RESIDUAL,
-            OPERAND_DTYPE,
-            INPUT_PRECISION,
-            BLOCK_M,
-            BLOCK_D,
-            R_PAD,
-        )
-        if HAS_DOWN_BIAS:
-            z += tl.load(down_biases_ptr + slot * rank + ranks, mask=rank_mask, other=0.0).to(
-                tl.float32
-            )[None, :]
-        tl.store(z_ptr + z_offsets, z, mask=z_mask)
-        act = slot_activation(activation_ids_ptr, slot, ACTIVATION)
-        a = activate_slot(z, act, ACTIVATION, ACTIVATION_SET)
-        steer_output_pass(
-            hidden_ptr,
-            residual_ptr,
-            hidden_rows,
-            residual_rows,
-            row_mask,
-            a,
-            up_weights_ptr + slot * stride_up_slot,
-            up_biases_ptr + slot * stride_up_bias_slot,
-            out_ptr,
-            rows,
-            ranks,
-            rank_mask,
-            hidden_size,
-            stride_hidden_col,
-            stride_residual_col,
-            stride_up_col,
-            stride_up_rank,
-            stride_up_bias_col,
-            scale[:, None],
-            HAS_RESIDUAL,
-            HAS_UP_BIAS,
-            OPERAND_DTYPE,
-            INPUT_PRECISION,
-            BLOCK_D,
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Launchers
-# ----------------------------------------------------------------------------------------------
+_REDUCE_BLOCK = 1024
 
 
 class MultiSteerForward(NamedTuple):
     out: torch.Tensor  # [..., d], hidden's shape and dtype, contiguous
     z: torch.Tensor  # [..., R] fp32: the pre-activation (0 for slot-0 tokens)
+
+
+class MultiSteerBackward(NamedTuple):
+    grad_hidden: torch.Tensor  # [..., d]: also the gradient of the residual
+    grad_down_weights: torch.Tensor  # [A, R, d]
+    grad_up_weights: torch.Tensor  # [A, d, R]
+    grad_down_biases: torch.Tensor  # [A, R]
+    grad_up_biases: torch.Tensor  # [A, d]
 
 
 def choose_path(n_rows: int, n_slots: int) -> str:
@@ -448,7 +202,7 @@ def plan_forward(
             n_slots=n_slots,
             R_PAD=gather_rank(rank),
         )
-        kernel, grid = _gather_forward_kernel, triton.cdiv(n_rows, config.block_m)
+        kernel, grid = gather_forward_kernel, triton.cdiv(n_rows, config.block_m)
     elif path == "grouped":
         config = config or default_grouped_config(hidden_size, rank)
         table: SlotBlocks = plan_slot_blocks(adapter_index, n_slots, config.block_m)
@@ -462,12 +216,139 @@ def plan_forward(
             INPUT_PRECISION=input_precision,
             R_PAD=padded_rank(rank),
         )
-        kernel, grid = _grouped_forward_kernel, table.grid
+        kernel, grid = grouped_forward_kernel, table.grid
     else:
         raise ValueError(f"path must be 'auto', 'gather' or 'grouped', got {path!r}")
     kwargs.update(BLOCK_M=config.block_m, BLOCK_D=config.block_d)
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     return LaunchPlan([KernelLaunch(kernel, (grid,), kwargs, options)], result)
+
+
+def plan_backward(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    z: torch.Tensor,
+    down_weights: torch.Tensor,
+    up_weights: torch.Tensor,
+    up_biases: torch.Tensor | None,
+    adapter_index: torch.Tensor,
+    scales: torch.Tensor,
+    activation_ids: Sequence[int],
+    config: BackwardConfig | None = None,
+) -> LaunchPlan:
+    """Allocate the backward's outputs and buffers, build the row-block and token-unit tables
+    (device ops, no host sync) and describe the three launches. ``out`` and ``z`` are what the
+    forward returned; ``config`` takes the single-adapter backward's block shapes, whose
+    ``splits`` is the token-split count behind the unit size."""
+    n_slots, rank, hidden_size = down_weights.shape
+    n_rows = out.numel() // hidden_size
+    device = out.device
+    dtype = down_weights.dtype
+    result = MultiSteerBackward(
+        grad_hidden=torch.empty(out.shape, dtype=out.dtype, device=device),
+        grad_down_weights=torch.empty((n_slots, rank, hidden_size), dtype=dtype, device=device),
+        grad_up_weights=torch.empty((n_slots, hidden_size, rank), dtype=dtype, device=device),
+        grad_down_biases=torch.empty((n_slots, rank), dtype=dtype, device=device),
+        grad_up_biases=torch.empty((n_slots, hidden_size), dtype=dtype, device=device),
+    )
+    if n_rows == 0:
+        for weight_grad in result[1:]:
+            weight_grad.zero_()
+        return LaunchPlan([], result)
+
+    config = config or default_backward_config(hidden_size, rank, out.dtype)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    sort = sort_by_slot(adapter_index, n_slots)
+    row_blocks = cut_slot_blocks(sort, config.rows_block_m)
+    n_col_tiles = triton.cdiv(hidden_size, config.cols_block_d)
+    splits = config.splits or token_splits(
+        n_rows,
+        config.cols_block_m,
+        n_col_tiles,
+        num_sms(device),
+        programs_per_sm=PROGRAMS_PER_SM,
+        min_tokens_per_split=MIN_TOKENS_PER_SPLIT,
+    )
+    # A unit holds at most a token split's worth of a slot's rows, in whole columns-kernel blocks.
+    unit_rows = triton.cdiv(triton.cdiv(n_rows, config.cols_block_m), splits) * config.cols_block_m
+    units = cut_slot_blocks(sort, unit_rows)
+    partial_stride = 2 * rank * hidden_size + hidden_size + rank
+    partials = torch.empty((units.grid, partial_stride), dtype=torch.float32, device=device)
+    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
+    operand_dtype, input_precision = dot_types(out.dtype)
+    # The parameters the rows and columns kernels share, under the same names.
+    shared = dict(
+        grad_out_ptr=grad_out,
+        z_ptr=z,
+        up_weights_ptr=up_weights,
+        scales_ptr=scales,
+        order_ptr=sort.order,
+        grad_z_ptr=grad_z,
+        hidden_size=hidden_size,
+        rank=rank,
+        rows_per_outer=rows_per_outer(grad_out),
+        **row_strides("grad", grad_out),
+        **activation_kwargs(activation_ids, device, adapter_index),
+        OPERAND_DTYPE=operand_dtype,
+        INPUT_PRECISION=input_precision,
+        R_PAD=padded_rank(rank),
+    )
+    strides = weight_strides(down_weights, up_weights, up_biases)
+    rows_launch = KernelLaunch(
+        multi_backward_rows_kernel,
+        (row_blocks.grid,),
+        dict(
+            shared,
+            block_slot_ptr=row_blocks.block_slot,
+            block_start_ptr=row_blocks.block_start,
+            block_end_ptr=row_blocks.block_end,
+            stride_up_slot=strides["stride_up_slot"],
+            stride_up_col=strides["stride_up_col"],
+            stride_up_rank=strides["stride_up_rank"],
+            BLOCK_M=config.rows_block_m,
+            BLOCK_D=config.rows_block_d,
+        ),
+        options,
+    )
+    cols_launch = KernelLaunch(
+        multi_backward_cols_kernel,
+        (n_col_tiles, units.grid),
+        dict(
+            shared,
+            out_ptr=out,
+            down_weights_ptr=down_weights,
+            up_biases_ptr=up_biases if up_biases is not None else up_weights,  # HAS_UP_BIAS
+            unit_slot_ptr=units.block_slot,
+            unit_start_ptr=units.block_start,
+            unit_end_ptr=units.block_end,
+            grad_hidden_ptr=result.grad_hidden,
+            partial_ptr=partials,
+            partial_stride=partial_stride,
+            **strides,
+            HAS_UP_BIAS=up_biases is not None,
+            BLOCK_M=config.cols_block_m,
+            BLOCK_D=config.cols_block_d,
+        ),
+        options,
+    )
+    reduce_launch = KernelLaunch(
+        reduce_slot_grads_kernel,
+        (triton.cdiv(partial_stride, _REDUCE_BLOCK), n_slots),
+        dict(
+            partial_ptr=partials,
+            first_block_ptr=units.first_block,
+            blocks_ptr=units.blocks,
+            grad_down_weights_ptr=result.grad_down_weights,
+            grad_up_weights_ptr=result.grad_up_weights,
+            grad_down_biases_ptr=result.grad_down_biases,
+            grad_up_biases_ptr=result.grad_up_biases,
+            hidden_size=hidden_size,
+            rank=rank,
+            BLOCK=_REDUCE_BLOCK,
+        ),
+        {},  # Triton's default warps and stages
+    )
+    return LaunchPlan([rows_launch, cols_launch, reduce_launch], result)
 
 
 def multi_adapter_steer_forward(
@@ -496,6 +377,38 @@ def multi_adapter_steer_forward(
         scales,
         activation_ids,
         path,
+        config,
+    )
+    for launch in plan.launches:
+        launch()
+    return plan.result
+
+
+def multi_adapter_steer_backward(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    z: torch.Tensor,
+    down_weights: torch.Tensor,
+    up_weights: torch.Tensor,
+    up_biases: torch.Tensor | None,
+    adapter_index: torch.Tensor,
+    scales: torch.Tensor,
+    activation_ids: Sequence[int],
+    config: BackwardConfig | None = None,
+) -> MultiSteerBackward:
+    """Run the backward: gz (rows kernel), dh and per-unit partials (columns kernel), then the
+    per-slot sums. ``grad_out`` has the shape of ``out`` and any strides. Bias gradients are
+    always produced."""
+    plan = plan_backward(
+        grad_out,
+        out,
+        z,
+        down_weights,
+        up_weights,
+        up_biases,
+        adapter_index,
+        scales,
+        activation_ids,
         config,
     )
     for launch in plan.launches:

@@ -1,5 +1,6 @@
-"""The backward of multi_adapter_steer: a rows kernel, a column-stationary kernel over per-slot
-token ranges, and a fixed-order per-slot reduction.
+"""The backward kernels of multi_adapter_steer: a rows kernel, a column-stationary kernel over
+per-slot token ranges, and a fixed-order per-slot reduction (planned and launched by
+``multi_adapter_steer.plan_backward``).
 
 The maths and the forward are specified in ``multi_adapter_steer``; this is
 the multi-adapter form of the single-adapter backward in ``post_block_steer``
@@ -19,7 +20,7 @@ Launches:
        out of place and accumulating the tile's dD_a, dU_a, dbu_a (and dbd_a on column tile 0)
        in registers; h is rebuilt as out - s (a U_a^T + bu_a). At the end it writes its unit's
        fp32 partial for its column tile. Slot-0 units copy g into dh and write no partial.
-    3. ``_reduce_slot_grads_kernel`` sums each slot's unit partials in unit order (fixed, hence
+    3. ``reduce_slot_grads_kernel`` sums each slot's unit partials in unit order (fixed, hence
        deterministic, no atomics) and casts them; slot 0 and slots without rows get zeros.
 
 Partial row u of the fp32 buffer (``partial_stride`` = 2 R d + d + R floats) is laid out as
@@ -33,47 +34,15 @@ N = 16k, d = 4096, R = 16 on a 132-SM GPU that is 5 splits: 7 rows (3.7 MB) with
 would take 280 MB. The price, as in the single-adapter backward, is a second read of g.
 """
 
-from __future__ import annotations
-
-from collections.abc import Sequence
-from typing import NamedTuple
-
-import torch
 import triton
 import triton.language as tl
 
-from .launch import (
-    KernelLaunch,
-    LaunchPlan,
-    dot_types,
-    num_sms,
-    padded_rank,
-    row_strides,
-    token_splits,
-)
-from .multi_adapter_steer_common import (
-    activate_slot,
-    activation_derivative_slot,
-    activation_kwargs,
-    cut_slot_blocks,
-    rows_per_outer,
-    slot_activation,
-    sort_by_slot,
-    weight_strides,
-)
-from .post_block_steer_backward import (
-    MIN_TOKENS_PER_SPLIT,
-    PROGRAMS_PER_SM,
-    BackwardConfig,
-    default_backward_config,
-)
+from .multi_adapter_steer_common import activate_slot, activation_derivative_slot, slot_activation
 from .tiles import dot, grad_up_projection, load_weight_tile, row_offsets, sum_partials
-
-_REDUCE_BLOCK = 1024
 
 
 @triton.jit
-def _multi_backward_rows_kernel(
+def multi_backward_rows_kernel(
     grad_out_ptr,
     z_ptr,
     up_weights_ptr,
@@ -142,7 +111,7 @@ def _multi_backward_rows_kernel(
 
 
 @triton.jit
-def _multi_backward_cols_kernel(
+def multi_backward_cols_kernel(
     grad_out_ptr,
     out_ptr,
     z_ptr,
@@ -317,7 +286,7 @@ def _multi_backward_cols_kernel(
 
 
 @triton.jit
-def _reduce_slot_grads_kernel(
+def reduce_slot_grads_kernel(
     partial_ptr,
     first_block_ptr,
     blocks_ptr,
@@ -351,170 +320,3 @@ def _reduce_slot_grads_kernel(
         rank,
         BLOCK,
     )
-
-
-class MultiSteerBackward(NamedTuple):
-    grad_hidden: torch.Tensor  # [..., d]: also the gradient of the residual
-    grad_down_weights: torch.Tensor  # [A, R, d]
-    grad_up_weights: torch.Tensor  # [A, d, R]
-    grad_down_biases: torch.Tensor  # [A, R]
-    grad_up_biases: torch.Tensor  # [A, d]
-
-
-def plan_backward(
-    grad_out: torch.Tensor,
-    out: torch.Tensor,
-    z: torch.Tensor,
-    down_weights: torch.Tensor,
-    up_weights: torch.Tensor,
-    up_biases: torch.Tensor | None,
-    adapter_index: torch.Tensor,
-    scales: torch.Tensor,
-    activation_ids: Sequence[int],
-    config: BackwardConfig | None = None,
-) -> LaunchPlan:
-    """Allocate the backward's outputs and buffers, build the row-block and token-unit tables
-    (device ops, no host sync) and describe the three launches. ``out`` and ``z`` are what the
-    forward returned; ``config`` takes the single-adapter backward's block shapes, whose
-    ``splits`` is the token-split count behind the unit size."""
-    n_slots, rank, hidden_size = down_weights.shape
-    n_rows = out.numel() // hidden_size
-    device = out.device
-    dtype = down_weights.dtype
-    result = MultiSteerBackward(
-        grad_hidden=torch.empty(out.shape, dtype=out.dtype, device=device),
-        grad_down_weights=torch.empty((n_slots, rank, hidden_size), dtype=dtype, device=device),
-        grad_up_weights=torch.empty((n_slots, hidden_size, rank), dtype=dtype, device=device),
-        grad_down_biases=torch.empty((n_slots, rank), dtype=dtype, device=device),
-        grad_up_biases=torch.empty((n_slots, hidden_size), dtype=dtype, device=device),
-    )
-    if n_rows == 0:
-        for weight_grad in result[1:]:
-            weight_grad.zero_()
-        return LaunchPlan([], result)
-
-    config = config or default_backward_config(hidden_size, rank, out.dtype)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    sort = sort_by_slot(adapter_index, n_slots)
-    row_blocks = cut_slot_blocks(sort, config.rows_block_m)
-    n_col_tiles = triton.cdiv(hidden_size, config.cols_block_d)
-    splits = config.splits or token_splits(
-        n_rows,
-        config.cols_block_m,
-        n_col_tiles,
-        num_sms(device),
-        programs_per_sm=PROGRAMS_PER_SM,
-        min_tokens_per_split=MIN_TOKENS_PER_SPLIT,
-    )
-    # A unit holds at most a token split's worth of a slot's rows, in whole columns-kernel blocks.
-    unit_rows = triton.cdiv(triton.cdiv(n_rows, config.cols_block_m), splits) * config.cols_block_m
-    units = cut_slot_blocks(sort, unit_rows)
-    partial_stride = 2 * rank * hidden_size + hidden_size + rank
-    partials = torch.empty((units.grid, partial_stride), dtype=torch.float32, device=device)
-    grad_z = torch.empty((n_rows, rank), dtype=torch.float32, device=device)
-    operand_dtype, input_precision = dot_types(out.dtype)
-    # The parameters the rows and columns kernels share, under the same names.
-    shared = dict(
-        grad_out_ptr=grad_out,
-        z_ptr=z,
-        up_weights_ptr=up_weights,
-        scales_ptr=scales,
-        order_ptr=sort.order,
-        grad_z_ptr=grad_z,
-        hidden_size=hidden_size,
-        rank=rank,
-        rows_per_outer=rows_per_outer(grad_out),
-        **row_strides("grad", grad_out),
-        **activation_kwargs(activation_ids, device, adapter_index),
-        OPERAND_DTYPE=operand_dtype,
-        INPUT_PRECISION=input_precision,
-        R_PAD=padded_rank(rank),
-    )
-    strides = weight_strides(down_weights, up_weights, up_biases)
-    rows_launch = KernelLaunch(
-        _multi_backward_rows_kernel,
-        (row_blocks.grid,),
-        dict(
-            shared,
-            block_slot_ptr=row_blocks.block_slot,
-            block_start_ptr=row_blocks.block_start,
-            block_end_ptr=row_blocks.block_end,
-            stride_up_slot=strides["stride_up_slot"],
-            stride_up_col=strides["stride_up_col"],
-            stride_up_rank=strides["stride_up_rank"],
-            BLOCK_M=config.rows_block_m,
-            BLOCK_D=config.rows_block_d,
-        ),
-        options,
-    )
-    cols_launch = KernelLaunch(
-        _multi_backward_cols_kernel,
-        (n_col_tiles, units.grid),
-        dict(
-            shared,
-            out_ptr=out,
-            down_weights_ptr=down_weights,
-            up_biases_ptr=up_biases if up_biases is not None else up_weights,  # HAS_UP_BIAS
-            unit_slot_ptr=units.block_slot,
-            unit_start_ptr=units.block_start,
-            unit_end_ptr=units.block_end,
-            grad_hidden_ptr=result.grad_hidden,
-            partial_ptr=partials,
-            partial_stride=partial_stride,
-            **strides,
-            HAS_UP_BIAS=up_biases is not None,
-            BLOCK_M=config.cols_block_m,
-            BLOCK_D=config.cols_block_d,
-        ),
-        options,
-    )
-    reduce_launch = KernelLaunch(
-        _reduce_slot_grads_kernel,
-        (triton.cdiv(partial_stride, _REDUCE_BLOCK), n_slots),
-        dict(
-            partial_ptr=partials,
-            first_block_ptr=units.first_block,
-            blocks_ptr=units.blocks,
-            grad_down_weights_ptr=result.grad_down_weights,
-            grad_up_weights_ptr=result.grad_up_weights,
-            grad_down_biases_ptr=result.grad_down_biases,
-            grad_up_biases_ptr=result.grad_up_biases,
-            hidden_size=hidden_size,
-            rank=rank,
-            BLOCK=_REDUCE_BLOCK,
-        ),
-        {},  # Triton's default warps and stages
-    )
-    return LaunchPlan([rows_launch, cols_launch, reduce_launch], result)
-
-
-def multi_adapter_steer_backward(
-    grad_out: torch.Tensor,
-    out: torch.Tensor,
-    z: torch.Tensor,
-    down_weights: torch.Tensor,
-    up_weights: torch.Tensor,
-    up_biases: torch.Tensor | None,
-    adapter_index: torch.Tensor,
-    scales: torch.Tensor,
-    activation_ids: Sequence[int],
-    config: BackwardConfig | None = None,
-) -> MultiSteerBackward:
-    """Run the backward: gz (rows kernel), dh and per-unit partials (columns kernel), then the
-    per-slot sums. ``grad_out`` has the shape of ``out`` and any strides. Bias gradients are
-    always produced."""
-    plan = plan_backward(
-        grad_out,
-        out,
-        z,
-        down_weights,
-        up_weights,
-        up_biases,
-        adapter_index,
-        scales,
-        activation_ids,
-        config,
-    )
-    for launch in plan.launches:
-        launch()
-    return plan.result

@@ -10,16 +10,16 @@ with the base model frozen and only D, U and the biases trained.
 import importlib
 from typing import Any
 
-from .adapter import PostBlockAdapter, SteeringVector
 from .config import SteerConfig
+from .constants import BASE_ADAPTER_NAME
 from .injection import find_decoder_layers
-from .mixed_batch import BASE_ADAPTER_NAME
-from .model import SteerModel, get_steer_model
+from .joint.orthogonality import OrthogonalityConfig
+from .modules import PostBlockAdapter, SteeringVector
 from .ops import ACTIVATIONS, resolve_backend
 from .ops.multi_adapter_steer import multi_adapter_steer
 from .ops.post_block_steer import post_block_steer
 from .ops.steering_vector import steering_vector
-from .orthogonality import OrthogonalityConfig
+from .steer_model import SteerModel, get_steer_model
 
 __version__ = "0.1.0"
 

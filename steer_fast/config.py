@@ -12,20 +12,13 @@ from typing import Any
 
 import torch
 
+from .constants import FORMAT_VERSION, SITES, STEER_TYPE
 from .ops import BACKENDS, TORCH_DTYPES, TRITON_DTYPES
 from .ops.checks import check_activation, check_scale
 
-STEER_TYPE = "post_block"
-# 2: rank 0 (steering vectors), sites, the init option.
-FORMAT_VERSION = 2
-# Where in a decoder layer steering is applied: after the block (its output, after the skip
-# connection), or on the attention / MLP branch output before its residual add.
-SITES: tuple[str, ...] = ("block", "attn", "mlp")
 # How a low-rank adapter's down-projection starts: "published", Kaiming-uniform (a = sqrt 5)
 # scaled by 1e-3 as in the paper's code; "lora", Kaiming-uniform as LoRA's A matrix.
 INITS: tuple[str, ...] = ("published", "lora")
-CONFIG_NAME = "steer_config.json"
-WEIGHTS_NAME = "steer_model.safetensors"
 
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype for dtype in TORCH_DTYPES

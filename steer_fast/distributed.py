@@ -40,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .block import SteeredBlock
-from .saved_state import TRAINER_WEIGHTS_NAME, write_tensors
-from .saving import save_directory_atomically
+from .constants import TRAINER_WEIGHTS_NAME
+from .injection.steered_block import SteeredBlock
+from .saving.atomic import save_directory_atomically
+from .saving.state import write_tensors
 from .wrapper import SteeringWrapper
 
 
@@ -202,7 +203,12 @@ def fsdp_wrap_modules(model: SteeringWrapper) -> list[nn.Module]:
     for layer in _decoder_layers(wrapper):
         if isinstance(layer, SteeredBlock):
             units.extend(c for c in layer.base_layer.children() if _holds_parameters(c))
-            steering.update(id(m) for a in layer.adapters().values() for m in a.modules())
+            steering.update(
+                id(module)
+                for name in layer.adapter_names()
+                for adapter in layer.adapters(name).values()
+                for module in adapter.modules()
+            )
         units.append(layer)
     chosen = {id(unit) for unit in units}
     for module in wrapper.modules():

@@ -1,4 +1,5 @@
-"""Several named adapters on one SteerModel, and mixed batches over them: PEFT's verbs.
+"""NamedAdapterWrapper: several named adapters on one steered model, and mixed batches over
+them, with PEFT's verbs; SteerModel is one.
 
 A SteerModel starts with one adapter, "default". ``add_adapter(name, config)`` and
 ``load_adapter(path, name)`` add more on the same base model; they may differ in rank,
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,23 +32,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig
+from .config import SteerConfig
+from .constants import (
+    ADAPTER_NAME_PATTERN,
+    BASE_ADAPTER_NAME,
+    CONFIG_NAME,
+    DEFAULT_ADAPTER_NAME,
+    WEIGHTS_NAME,
+)
 from .injection import apply_named_adapter, plan_named_adapter
-from .mixed_batch import BASE_ADAPTER_NAME, DEFAULT_ADAPTER_NAME, RowRouting
-from .saved_state import check_is_trainable, read_steering, with_backend, write_steering_files
+from .injection.routing import RowRouting
+from .ops.checks import check_scale
+from .saving.state import check_is_trainable, with_backend
+from .saving.steering_files import read_steering, write_steering_files
+from .wrapper import SteeringWrapper
 
-# An adapter name is a folder name and a module name: letters, digits, "_" and "-".
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# Names an adapter cannot have: ModuleDict's own attributes (every site's modules live in a
+# ModuleDict keyed by adapter name) and the name of the unsteered rows.
 _RESERVED = frozenset(dir(nn.ModuleDict())) | {BASE_ADAPTER_NAME}
 
 
-class NamedAdapters:
-    """The named-adapter verbs and mixed batches of SteerModel (see the module docstring).
+class NamedAdapterWrapper(SteeringWrapper):
+    """A SteeringWrapper holding several named steering adapters, and running mixed batches
+    over them (see the module docstring); the base of SteerModel.
 
-    The class using it keeps ``steer_config`` (the default adapter's), ``base_model``,
-    ``layers_name`` and ``_steered_blocks()``."""
+    Subclasses set ``base_model`` (the steered model), ``layers_name`` (where its decoder layers
+    are) and ``steer_config`` (the default adapter's), then call ``_init_named_adapters()``."""
 
-    steer_config: SteerConfig
+    base_model: nn.Module
     layers_name: str
 
     def _init_named_adapters(self) -> None:
@@ -91,7 +102,7 @@ class NamedAdapters:
         self._add_adapter(adapter_name, config)
 
     def _add_adapter(self, adapter_name: str, config: SteerConfig) -> SteerConfig:
-        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name):
+        if not isinstance(adapter_name, str) or not ADAPTER_NAME_PATTERN.match(adapter_name):
             raise ValueError(
                 f"adapter_name must be a non-empty string of letters, digits, '_' and '-', got "
                 f"{adapter_name!r}"
@@ -136,9 +147,9 @@ class NamedAdapters:
 
     def delete_adapter(self, adapter_name: str, new_active_adapter: str | None = None) -> None:
         """Take adapter ``adapter_name`` off the model. Deleting the active adapter needs
-        ``new_active_adapter``, the adapter that takes its place. The default adapter, which
-        lives in the blocks' own attributes, cannot be deleted (``unload()`` takes everything
-        off).
+        ``new_active_adapter``, the adapter that takes its place. The default adapter, the one
+        ``steer_config`` describes and ``save_pretrained`` writes at the top of its directory,
+        cannot be deleted (``unload()`` takes everything off).
 
         Raises:
             ValueError: for an adapter that is not loaded, the default adapter, or the active
@@ -147,8 +158,9 @@ class NamedAdapters:
         self._check_loaded("adapter_name", adapter_name)
         if adapter_name == DEFAULT_ADAPTER_NAME:
             raise ValueError(
-                "adapter_name: the default adapter cannot be deleted; set_adapter() another one, "
-                "or unload() the model"
+                "adapter_name: the default adapter cannot be deleted (it is the model's "
+                "steer_config, written at the top of a save_pretrained directory); "
+                "set_adapter() another one, or unload() the model"
             )
         if new_active_adapter is not None:
             self._check_loaded("new_active_adapter", new_active_adapter)
@@ -160,7 +172,7 @@ class NamedAdapters:
                 f"to activate instead (loaded: {self.list_adapters()})"
             )
         for block in self._steered_blocks().values():
-            block.delete_named_adapter(adapter_name)
+            block.delete_adapter(adapter_name)
         del self.steer_configs[adapter_name]
         if new_active_adapter is not None:
             self.set_adapter(new_active_adapter)
@@ -208,6 +220,75 @@ class NamedAdapters:
                 directory = staging / name
                 directory.mkdir()
             write_steering_files(directory, config, tensors)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        adapter_names: Sequence[str] | None = None,
+        steering_scales: Sequence[float] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's forward; ``adapter_names`` (one per row, "__base__" for none)
+        and ``steering_scales`` (one float per row) make it a mixed batch."""
+        batch_size, device = self._batch_size(
+            (), {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
+        )
+        routing = self._routing(adapter_names, steering_scales, batch_size, device)
+        if routing is None:
+            return SteeringWrapper.forward(
+                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
+            )
+        self._route_rows(routing)
+        if torch.compiler.is_compiling():
+            # torch.compile traces no try/finally around the model: a traced call that raised
+            # leaves the routing set until the next call of this model sets its own.
+            output = SteeringWrapper.forward(
+                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
+            )
+            self._route_rows(None)
+            return output
+        try:
+            return SteeringWrapper.forward(
+                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
+            )
+        finally:
+            self._route_rows(None)
+
+    def generate(
+        self,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        steering_scales: Sequence[float] | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's generate; ``adapter_names`` and ``steering_scales`` as in
+        ``forward`` (rows expanded for beams and several return sequences follow their row)."""
+        batch_size, device = self._batch_size(args, kwargs)
+        routing = self._routing(adapter_names, steering_scales, batch_size, device)
+        self._route_rows(routing)
+        try:
+            return SteeringWrapper.generate(self, *args, **kwargs)
+        finally:
+            self._route_rows(None)
+
+    def set_scale(self, scale: float, adapter_name: str | None = None) -> None:
+        """Set the steering strength s of adapter ``adapter_name``, or of every adapter
+        (0: no steering)."""
+        scale = check_scale(scale)
+        names = (
+            self.list_adapters()
+            if adapter_name is None
+            else [self._check_loaded("adapter_name", adapter_name)]
+        )
+        for name in names:
+            for _, _, adapter in self._all_adapters(name):
+                adapter.scale = scale
+            self.steer_configs[name].scale = scale
 
     # --- mixed batches ---------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""What SteerModel and JointModel share: a PEFT-style wrapper around a steered model.
+"""SteeringWrapper, the base of the steer_fast models: a PEFT-style wrapper around a steered model.
+
+The models, top-down: ``SteeringWrapper`` (one steering part; this module), then
+``NamedAdapterWrapper`` (several named steering adapters and mixed batches,
+``steer_fast.named_adapters``) and ``SteerModel`` (``steer_fast.steer_model``); and
+``JointModel`` (a steering adapter and a PEFT LoRA adapter, ``steer_fast.joint.model``).
 
 Calls go to the wrapped model (``forward`` with labels and all, ``generate``, and any attribute
 the wrapper lacks); the steering adapters are those of the wrapped model's steered blocks.
@@ -13,9 +18,7 @@ The verbs a PEFT user types mean what they mean in PEFT, on both models:
 - ``print_trainable_parameters()``, ``get_nb_trainable_parameters()``, ``get_base_model()``,
   ``save_pretrained``, ``from_pretrained``, ``unload()``;
 - ``merge_and_unload``, ``merge_adapter`` and ``unmerge_adapter`` raise NotImplementedError
-  saying why, instead of reaching the wrapped transformers model's methods of the same names;
-  so do ``add_adapter``, ``load_adapter``, ``set_adapter`` and ``delete_adapter`` on a
-  JointModel (SteerModel has them: ``steer_fast.named_adapters``).
+  saying why, instead of reaching the wrapped transformers model's methods of the same names.
 
 ``disable_steering()`` switches the steering part alone off (the LoRA part of a JointModel keeps
 running).
@@ -37,16 +40,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .adapter import Steering
-from .block import SteeredBlock, adapter_attribute
+from .constants import DEFAULT_ADAPTER_NAME, EXTRA_STATE_KEY, steering_file_key
+from .injection.steered_block import SteeredBlock
+from .modules import Steering
 from .ops.checks import check_scale
-from .saved_state import (
-    EXTRA_STATE_KEY,
-    decode_state,
-    encode_state,
-    is_adapter_key,
-    steering_file_key,
-)
+from .saving.legacy import is_legacy_format, upgrade_state_dict_keys
+from .saving.state import decode_state, encode_state, is_adapter_key
 from .shims import trl_fused_lm_head
 
 if TYPE_CHECKING:
@@ -74,11 +73,13 @@ class SteeringWrapper(nn.Module):
     """Base of SteerModel and JointModel.
 
     Subclasses name the attribute that holds the wrapped model (``wrapped_attribute``), keep
-    their SteerConfig as ``steer_config``, list their steered blocks (``_steered_blocks``), name
-    their adapter parameters (``_adapter_parameter_names``) and describe their saved state
-    (``_saved_state`` / ``_load_saved_state``). ``state_dict()`` then holds the adapter
+    their (first) steering adapter's SteerConfig as ``steer_config``, list their steered blocks
+    (``_steered_blocks``), name their adapter parameters (``_adapter_parameter_names``) and
+    describe their saved state (``_saved_state`` / ``_load_saved_state``, and the steer config's
+    format version in it, ``_saved_steer_format``). ``state_dict()`` then holds the adapter
     parameters and that state (under "_extra_state"), not the frozen base weights, so that a
-    transformers Trainer checkpoint of the wrapper is an adapter checkpoint.
+    transformers Trainer checkpoint of the wrapper is an adapter checkpoint; ``load_state_dict``
+    reads the key names of older formats too (``steer_fast.saving.legacy``).
     """
 
     wrapped_attribute: str = ""
@@ -87,6 +88,7 @@ class SteeringWrapper(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.register_state_dict_post_hook(_keep_adapter_state)
+        self._register_load_state_dict_pre_hook(_upgrade_legacy_keys, with_module=True)
         self.register_load_state_dict_post_hook(_ignore_missing_base_weights)
 
     # --- what subclasses provide -----------------------------------------------------------
@@ -105,6 +107,12 @@ class SteeringWrapper(nn.Module):
 
     def _load_saved_state(self, values: dict[str, Any]) -> None:
         """Check a loaded "_extra_state" against this wrapper and take over what may differ."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _saved_steer_format(values: dict[str, Any]) -> object:
+        """The format version of the steer config in a decoded "_extra_state" (which tells how
+        its steering keys are named)."""
         raise NotImplementedError
 
     # --- the wrapped model -----------------------------------------------------------------
@@ -214,14 +222,15 @@ class SteeringWrapper(nn.Module):
             site = sites[0]
         elif site not in sites:
             raise ValueError(f"site must be one of the steered sites {list(sites)}, got {site!r}")
-        attribute = adapter_attribute(site)
         return {
-            index: getattr(block, attribute)
+            index: adapters[site]
             for index, block in self._steered_blocks().items()
-            if site in block.sites
+            if site in (adapters := block.adapters(DEFAULT_ADAPTER_NAME))
         }
 
-    def _all_adapters(self, adapter_name: str = "default") -> list[tuple[int, str, Steering]]:
+    def _all_adapters(
+        self, adapter_name: str = DEFAULT_ADAPTER_NAME
+    ) -> list[tuple[int, str, Steering]]:
         return [
             (index, site, adapter)
             for index, block in self._steered_blocks().items()
@@ -229,7 +238,7 @@ class SteeringWrapper(nn.Module):
         ]
 
     def steering_paths(self) -> dict[int, str]:
-        """Decoder-layer index -> "fused" or "plain" (see ``steer_fast.block``)."""
+        """Decoder-layer index -> "fused" or "plain" (``steer_fast.injection.steered_block``)."""
         return {index: block.path for index, block in self._steered_blocks().items()}
 
     def steering_report(self) -> str:
@@ -322,25 +331,6 @@ class SteeringWrapper(nn.Module):
         """Not possible: nothing is ever merged (see ``merge_adapter``)."""
         raise NotImplementedError(_CANNOT_MERGE)
 
-    # SteerModel holds several named adapters (``steer_fast.named_adapters``); a JointModel one
-    # steering adapter and one LoRA adapter.
-
-    def add_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported here: see ``_ONE_ADAPTER``."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="add_adapter", model=self))
-
-    def load_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported here: see ``_ONE_ADAPTER``."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="load_adapter", model=self))
-
-    def set_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported here: see ``_ONE_ADAPTER``."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="set_adapter", model=self))
-
-    def delete_adapter(self, *args: Any, **kwargs: Any) -> None:
-        """Not supported here: see ``_ONE_ADAPTER``."""
-        raise NotImplementedError(_ONE_ADAPTER.format(verb="delete_adapter", model=self))
-
     # --- state -----------------------------------------------------------------------------
 
     def get_extra_state(self) -> torch.Tensor:
@@ -351,7 +341,7 @@ class SteeringWrapper(nn.Module):
         """Check that a loaded state_dict is for this model; take over its scale."""
         self._load_saved_state(decode_state(state, type(self).__name__))
 
-    def steering_tensors(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    def steering_tensors(self, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
         """Every steering tensor of adapter ``adapter_name`` on the CPU, keyed as in
         steer_model.safetensors (``steering_file_key``: "layers.{index}.{down,up}.{weight,bias}"
         at site "block").
@@ -366,7 +356,7 @@ class SteeringWrapper(nn.Module):
         return tensors
 
     def load_steering_tensors(
-        self, tensors: dict[str, torch.Tensor], adapter_name: str = "default"
+        self, tensors: dict[str, torch.Tensor], adapter_name: str = DEFAULT_ADAPTER_NAME
     ) -> None:
         """Copy tensors keyed as ``steering_tensors`` gives them into the steering modules of
         adapter ``adapter_name``."""
@@ -405,10 +395,6 @@ _CANNOT_MERGE = (
     "weight, so it cannot be merged into the model's weights; unload() takes the adapters off "
     "and gives back the base model"
 )
-_ONE_ADAPTER = (
-    "{verb}: a {model.__class__.__name__} holds one steering adapter and one LoRA adapter; "
-    "named adapters and mixed batches are SteerModel's (get_steer_model / from_pretrained)"
-)
 
 
 def _keep_adapter_state(module: SteeringWrapper, state_dict, prefix, local_metadata) -> None:
@@ -419,6 +405,18 @@ def _keep_adapter_state(module: SteeringWrapper, state_dict, prefix, local_metad
         name = key[len(prefix) :]
         if name != EXTRA_STATE_KEY and name not in keep:
             del state_dict[key]
+
+
+def _upgrade_legacy_keys(module: SteeringWrapper, state_dict, prefix, *args: Any) -> None:
+    """load_state_dict pre-hook: a state_dict of format 2 or earlier (its extra state says)
+    named the steering parameters without the adapter segment; its keys are renamed before any
+    tensor is copied."""
+    state = state_dict.get(prefix + EXTRA_STATE_KEY)
+    if state is None:
+        return
+    values = decode_state(state, type(module).__name__)
+    if is_legacy_format(module._saved_steer_format(values)):
+        upgrade_state_dict_keys(state_dict, prefix)
 
 
 def _ignore_missing_base_weights(module: SteeringWrapper, incompatible_keys) -> None:

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 import steer_fast
-from steer_fast.block import SteeredBlock
 from steer_fast.distributed import (
     fsdp2_modules,
     fsdp_auto_wrap_policy,
@@ -34,6 +33,7 @@ from steer_fast.distributed import (
     save_state_dict,
     shard_batch,
 )
+from steer_fast.injection import SteeredBlock
 
 from tiny_models import TokenDataset, random_input_ids, tiny_causal_lm
 

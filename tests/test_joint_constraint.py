@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, TrainingArguments
 
 from steer_fast import JointModel, JointTrainer, OrthogonalityConfig, SteerConfig, get_joint_model
-from steer_fast.orthogonality import layer_penalty
-from steer_fast.saved_state import decode_state, encode_state
+from steer_fast.joint.orthogonality import layer_penalty
+from steer_fast.saving.state import decode_state, encode_state
 
 from tiny_models import TokenDataset, random_input_ids, randomize_trainable, tiny_causal_lm
 
@@ -76,7 +76,9 @@ def test_apply_orthogonality_projects_every_down_projection_off_span_b(modules, 
         after = down.detach().double()
         assert (after @ v).norm() <= 1e-6 * after.norm()
         # Only the component along span(V) changed.
-        original = before[next(n for n in before if f"layers.{index}.steer_adapter.down" in n)]
+        original = before[
+            next(n for n in before if f"layers.{index}.steer_adapter.default.down" in n)
+        ]
         complement = torch.eye(v.shape[0], dtype=torch.float64) - v @ v.T
         torch.testing.assert_close(
             after @ complement, original.double() @ complement, rtol=0, atol=1e-6
@@ -84,7 +86,7 @@ def test_apply_orthogonality_projects_every_down_projection_off_span_b(modules, 
     assert model.down_projection_overlap().item() < 1e-10
     # Nothing else moved: LoRA, U and the biases.
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad and ".steer_adapter.down.weight" not in name:
+        if parameter.requires_grad and ".steer_adapter.default.down.weight" not in name:
             assert torch.equal(parameter, before[name]), name
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-import steer_fast.families
-import steer_fast.ops
+import steer_fast.injection.families as families
 from steer_fast import (
     JointModel,
     OrthogonalityConfig,
@@ -179,7 +178,7 @@ def test_residual_modules_and_modules_override_the_table():
 
 
 # The family table by layer class.
-FAMILY_ROWS = {row.layer_class: row for row in steer_fast.families.FAMILIES}
+FAMILY_ROWS = {row.layer_class: row for row in families.FAMILIES}
 # The leaf names that make LoRA adapt exactly the table's residual writers of each family.
 RESIDUAL_LEAVES = {
     "gpt2": ["c_proj"],
@@ -308,7 +307,7 @@ def test_bad_input_raises_and_leaves_the_model_untouched(match, arguments):
 
 
 def test_unknown_family_needs_residual_modules_or_modules(monkeypatch):
-    monkeypatch.delitem(steer_fast.families._BY_LAYER_CLASS, "LlamaDecoderLayer")
+    monkeypatch.delitem(families._BY_LAYER_CLASS, "LlamaDecoderLayer")
     base = tiny_causal_lm("llama")
     before = fingerprint(base)
     cases = ((None, "OrthogonalityConfig\\(modules="), (UP, "residual_modules"))

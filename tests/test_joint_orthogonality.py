@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from steer_fast import OrthogonalityConfig
-from steer_fast.orthogonality import (
+from steer_fast.joint.orthogonality import (
     column_space_bases,
     down_projection_overlaps,
     layer_penalty,

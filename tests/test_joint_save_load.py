@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import steer_fast.saved_state as saved_state_module
+import steer_fast.saving.state as saved_state_module
 from steer_fast import JointModel, OrthogonalityConfig, SteerConfig, get_joint_model
 
 from tiny_models import random_input_ids, randomize_trainable, tiny_causal_lm

@@ -73,8 +73,8 @@ def test_joint_training_lowers_the_loss_and_moves_both_parts():
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert any(".lora_A." in name for name in changed)
     assert any(".lora_B." in name for name in changed)
-    assert any(".steer_adapter.up." in name for name in changed)
-    assert any(".steer_adapter.down." in name for name in changed)
+    assert any(".steer_adapter.default.up." in name for name in changed)
+    assert any(".steer_adapter.default.down." in name for name in changed)
     assert history[-1][1] > 0  # trained freely enough that the parts overlap somewhat
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from steer_fast import SteerConfig
-from steer_fast.config import FORMAT_VERSION, STEER_TYPE
+from steer_fast.constants import FORMAT_VERSION, STEER_TYPE
 
 
 def test_defaults_match_the_documented_api():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from steer_fast import PostBlockAdapter, SteerConfig, get_steer_model
-from steer_fast.block import steer_hidden_states
-from steer_fast.families import PRE_NORM, run_fused_block
+from steer_fast.injection.families import PRE_NORM, run_fused_block
+from steer_fast.injection.steered_block import steer_hidden_states
 from steer_fast.ops import reference_post_block_steer
 
 from tiny_models import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steer_fast import SteerConfig, get_steer_model
-from steer_fast.block import SteeredBlock
+from steer_fast.injection import SteeredBlock
 
 from tiny_models import (
     ALL_FAMILIES,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import steer_fast.saved_state as saved_state_module
-import steer_fast.saving as saving_module
+import steer_fast.saving.atomic as saving_module
+import steer_fast.saving.state as saved_state_module
 from steer_fast import SteerConfig, SteerModel, get_steer_model
 
 from tiny_models import (

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from steer_fast import SteerConfig, SteerModel, get_steer_model
-from steer_fast.adapter import SteeringVector
+from steer_fast.modules import SteeringVector
 from steer_fast.ops import reference_post_block_steer
 
 from tiny_models import (

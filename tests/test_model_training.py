@@ -68,7 +68,7 @@ def test_trainer_checkpoints_hold_the_adapters_and_resume(tmp_path, family):
         keys = list(handle.keys())
         saved_config = json.loads(bytes(handle.get_tensor("_extra_state").tolist()))
     assert len(keys) == 1 + 4 * NUM_LAYERS
-    assert all(".steer_adapter." in key for key in keys if key != "_extra_state")
+    assert all(".steer_adapter.default." in key for key in keys if key != "_extra_state")
     assert saved_config == uninterrupted.steer_config.to_dict()
 
     torch.manual_seed(1)  # another initialisation: the resume must overwrite it

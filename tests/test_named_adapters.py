@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steer_fast import SteerConfig, SteerModel, get_steer_model
-from steer_fast.config import CONFIG_NAME, WEIGHTS_NAME
+from steer_fast.constants import CONFIG_NAME, WEIGHTS_NAME
 
 from tiny_models import random_input_ids, tiny_causal_lm
 
@@ -82,7 +82,7 @@ def test_a_new_adapter_starts_as_the_identity_and_trains():
     model.set_adapter("extra")
     torch.testing.assert_close(logits(model), logits(tiny_causal_lm("llama")), rtol=0, atol=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any(".steer_adapters.extra." in n for n in trainable)
+    assert any(".steer_adapter.extra." in n for n in trainable)
     assert all("steer_adapter" in n for n in trainable)
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 from steer_fast import SteerConfig, SteerModel, get_steer_model
-from steer_fast.saved_state import NAMED_ADAPTERS_KEY
+from steer_fast.constants import NAMED_ADAPTERS_KEY
 
 from tiny_models import TokenDataset, random_input_ids, tiny_causal_lm
 
@@ -137,7 +137,7 @@ def test_trainer_trains_mixed_batches_and_its_checkpoint_restores_every_adapter(
         data_collator=collate,
     ).train()
     final = adapter_state(uninterrupted)
-    for name in ("steer_adapter.", "steer_adapters.narrow.", "steer_adapters.mlp."):
+    for name in ("steer_adapter.default.", ".narrow.", ".mlp."):
         assert any(name in key and not torch.equal(initial[key], final[key]) for key in final)
 
     checkpoint = tmp_path / "a" / "checkpoint-4"

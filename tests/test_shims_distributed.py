@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import steer_fast
-from steer_fast.block import SteeredBlock
 from steer_fast.distributed import fsdp_auto_wrap_policy
+from steer_fast.injection import SteeredBlock
 from steer_fast.shims import trl_fused_lm_head
 
 from tiny_models import TokenDataset, random_input_ids, randomize_adapters, tiny_causal_lm

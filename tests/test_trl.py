@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import steer_fast
-from steer_fast.block import SteeredBlock
+from steer_fast.injection import SteeredBlock
 
 from tiny_models import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE, tiny_causal_lm
 

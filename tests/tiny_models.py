@@ -36,7 +36,7 @@ FAMILIES: tuple[str, ...] = (
     "gpt_neox",
     "olmo2",
 )
-# ... and the other families in steer_fast.families' table, checked for the fused path.
+# ... and the other families in steer_fast.injection.families' table, checked for the fused path.
 EXTRA_FAMILIES: tuple[str, ...] = (
     "mixtral",
     "qwen2_moe",

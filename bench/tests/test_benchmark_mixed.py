@@ -120,7 +120,10 @@ def test_describe_run_says_what_the_mixed_suite_runs(tmp_path):
     assert "mixed: A in {1, 4} x even, skewed spread, 4 rows x 8 tokens, 7 methods" in (
         describe_run(settings)
     )
-    assert 0 < estimate_s(RunContext(settings, {})) < 120
+    # The estimate comes from a probe of this machine's speed: positive and finite, whatever
+    # the machine's load (a bound in seconds would be a timed assertion).
+    estimate = estimate_s(RunContext(settings, {}))
+    assert 0 < estimate and math.isfinite(estimate)
 
 
 def test_rows_spread_evenly_or_skewed():

@@ -34,11 +34,11 @@ KERNELS = {
     "_steering_vector_forward_kernel",
     "_steering_vector_backward_kernel",
     "_steering_vector_reduce_kernel",
-    "_gather_forward_kernel",
-    "_grouped_forward_kernel",
-    "_multi_backward_rows_kernel",
-    "_multi_backward_cols_kernel",
-    "_reduce_slot_grads_kernel",
+    "gather_forward_kernel",
+    "grouped_forward_kernel",
+    "multi_backward_rows_kernel",
+    "multi_backward_cols_kernel",
+    "reduce_slot_grads_kernel",
 }
 
 

@@ -1,6 +1,6 @@
 """The orthogonality constraint of a JointModel, layer by layer.
 
-``steer_fast.orthogonality`` defines the constraints and their maths; this module finds, in a
+``orthogonality`` defines the constraints and their maths; this module finds, in a
 joint model, what enters them. For each steered layer l:
 
 - its adapter's down-projection D_l and the LoRA B matrices of the modules ``JointPlan.down_paths``
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..block import SteeredBlock, adapter_attribute
-from ..injection import steered_blocks
-from ..orthogonality import (
+from ..injection import SteeredBlock, steered_blocks
+from ..shims import lora_b_weight
+from .orthogonality import (
     OrthogonalityConfig,
     column_space_bases,
     down_projection_overlaps,
@@ -32,7 +32,6 @@ from ..orthogonality import (
     project_down,
     project_out,
 )
-from ..shims import lora_b_weight
 from .plan import JointPlan
 
 # The one LoRA adapter of a JointModel.
@@ -42,9 +41,10 @@ LORA_ADAPTER_NAME = "default"
 def constrained_adapter(block: SteeredBlock) -> nn.Module | None:
     """The steering module the constraints act on: the block site's, else the MLP site's (the
     paper's code constrains the MLP adapter in its submodule variant); None without either."""
+    adapters = block.adapters()
     for site in ("block", "mlp"):
-        if site in block.sites:
-            return getattr(block, adapter_attribute(site))
+        if site in adapters:
+            return adapters[site]
     return None
 
 

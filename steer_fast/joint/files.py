@@ -24,34 +24,30 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftConfig, set_peft_model_state_dict
 
-from ..config import CONFIG_NAME, WEIGHTS_NAME, SteerConfig, check_format_version
-from ..orthogonality import OrthogonalityConfig
-from ..saved_state import (
+from ..config import SteerConfig, check_format_version
+from ..constants import (
+    CONFIG_NAME,
+    JOINT_CONFIG_NAME,
+    JOINT_FORMAT_VERSION,
+    JOINT_TYPE,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
     TRAINER_WEIGHTS_NAME,
-    check_directory,
-    read_json_object,
-    read_steering_files,
-    read_tensors,
-    read_trainer_checkpoint,
+    WEIGHTS_NAME,
 )
+from ..saving.legacy import is_legacy_format, upgrade_state_dict_keys
+from ..saving.state import check_directory, read_json_object, read_tensors, read_trainer_checkpoint
+from ..saving.steering_files import read_steering_files
 from ..shims import PEFT_MODEL_PREFIX
+from ..wrapper import SteeringWrapper
 from .constraint import LORA_ADAPTER_NAME
+from .orthogonality import OrthogonalityConfig
 
-if TYPE_CHECKING:
-    from .model import JointModel
-
-JOINT_CONFIG_NAME = "joint_config.json"
-JOINT_TYPE = "lora+post_block"
-# 2: the orthogonality config names its constraint (format 1: the up-projection constraint).
-JOINT_FORMAT_VERSION = 2
-# PEFT's file names (written by PeftConfig.save_pretrained and PeftModel.save_pretrained).
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 # Every file JointModel.save_pretrained writes.
 JOINT_FILES = (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CONFIG_NAME, WEIGHTS_NAME, JOINT_CONFIG_NAME)
 # SteeredBlock keeps the layer it wraps as ``base_layer``: every module path inside a steered
@@ -193,11 +189,17 @@ class SavedJoint:
     steering_tensors: dict[str, torch.Tensor] | None = None  # save_pretrained: file keys
     lora_tensors: dict[str, torch.Tensor] | None = None  # save_pretrained: PEFT's file keys
     state_dict: dict[str, torch.Tensor] | None = None  # Trainer checkpoint: JointModel keys
+    # A Trainer checkpoint of format 2 or earlier: its steering keys lack the adapter segment.
+    legacy_keys: bool = False
 
-    def load_into(self, joint: JointModel) -> None:
-        """Copy the saved weights into ``joint``; ValueError if they do not fit it."""
+    def load_into(self, joint: SteeringWrapper) -> None:
+        """Copy the saved weights into ``joint`` (a JointModel); ValueError if they do not fit
+        it."""
         if self.state_dict is not None:
-            result = joint.load_state_dict(self.state_dict, strict=False)
+            state_dict = dict(self.state_dict)
+            if self.legacy_keys:
+                upgrade_state_dict_keys(state_dict)
+            result = joint.load_state_dict(state_dict, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise ValueError(
                     f"{self.source} does not fit the joint model: missing "
@@ -257,10 +259,12 @@ def read_saved_joint(directory: Path) -> SavedJoint:
     state, state_dict = checkpoint
     source = str(directory / TRAINER_WEIGHTS_NAME)
     check_joint_values(state, source)
+    steer_values = state["steer_config"]
     return SavedJoint(
-        SteerConfig.from_dict(state["steer_config"]),
+        SteerConfig.from_dict(steer_values),
         read_lora_config(state["lora_config"]),
         read_orthogonality(state),
         directory,
         state_dict=state_dict,
+        legacy_keys=is_legacy_format(steer_values.get("format_version")),
     )

@@ -8,8 +8,8 @@ transformers model, in this order:
 2. a post-block adapter after each chosen decoder layer, by steer_fast: an activation update
    h -> h + s * (U phi(D h + b_d) + b_u).
 
-Both train; the base model stays frozen. ``steer_fast.orthogonality`` defines the constraint
-that keeps them apart. The default is the paper's: at the start of optimizer steps (every step,
+Both train; the base model stays frozen. ``orthogonality`` defines the constraint that keeps
+them apart. The default is the paper's: at the start of optimizer steps (every step,
 every N steps, each epoch or once), each layer's adapter down-projection D_l is projected off
 the column space of the LoRA B of the layer's MLP down projection,
 
@@ -20,10 +20,10 @@ so that the adapter reads nothing the weight update writes. steer_fast's own alt
 layer's residual writers, by a penalty P = sum_l || hat(U_l)^T hat(B_l) ||_F^2 in the loss or by
 a projection after each optimizer step.
 
-``steer_fast.joint.trainer.JointTrainer`` is a transformers Trainer that applies the constraint
-at its frequency (or adds the penalty), logs both measures, and gives the two parts their own
-learning rates. ``JointModel.save_pretrained`` writes PEFT's adapter files, steer_fast's steering
-files and a joint config into one folder (``steer_fast.joint.files``).
+``trainer.JointTrainer`` is a transformers Trainer that applies the constraint at its frequency
+(or adds the penalty), logs both measures, and gives the two parts their own learning rates.
+``save_pretrained`` writes PEFT's adapter files, steer_fast's and a joint config into one folder
+(``files``).
 """
 
 from __future__ import annotations
@@ -37,29 +37,30 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
-from ..block import is_steering_parameter
 from ..config import SteerConfig
+from ..constants import (
+    JOINT_CONFIG_NAME,
+    JOINT_FORMAT_VERSION,
+    JOINT_TYPE,
+    PEFT_WEIGHTS_NAME,
+    is_steering_parameter,
+)
 from ..distributed import is_main_process as default_is_main_process
 from ..injection import apply_steering_plan, remove_steering
-from ..orthogonality import OrthogonalityConfig
-from ..saved_state import (
+from ..saving.atomic import save_directory_atomically
+from ..saving.state import (
     check_is_trainable,
     raise_if_different,
     structural_differences,
     with_backend,
-    write_steering_files,
     write_tensors,
 )
-from ..saving import save_directory_atomically
+from ..saving.steering_files import write_steering_files
 from ..shims import peft_adapter_layers_enabled
 from ..wrapper import AdapterSwitch, SteeringWrapper, full_tensor
 from .constraint import LORA_ADAPTER_NAME, OrthogonalityConstraint
 from .files import (
-    JOINT_CONFIG_NAME,
     JOINT_FILES,
-    JOINT_FORMAT_VERSION,
-    JOINT_TYPE,
-    PEFT_WEIGHTS_NAME,
     KeyMap,
     check_joint_values,
     lora_config_dict,
@@ -67,9 +68,28 @@ from .files import (
     peft_config_to_save,
     read_saved_joint,
 )
-from .plan import ModelSnapshot, check_learning_rate, plan_joint
+from .orthogonality import OrthogonalityConfig
+from .parameter_groups import part_parameter_groups
+from .plan import ModelSnapshot, plan_joint
 
 INFERENCE_MODES: tuple[str, ...] = ("lora_only", "adapter_only", "all")
+
+
+_ONE_ADAPTER = (
+    "{verb}: a JointModel holds one steering adapter and one LoRA adapter; named adapters and "
+    "mixed batches are SteerModel's (get_steer_model / from_pretrained)"
+)
+
+
+def _refusal(verb: str) -> Any:
+    """A JointModel method ``verb`` that raises NotImplementedError saying why."""
+
+    def refuse(self: JointModel, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(_ONE_ADAPTER.format(verb=verb))
+
+    refuse.__name__ = verb
+    refuse.__doc__ = f"Not supported here: {verb} is SteerModel's (see ``_ONE_ADAPTER``)."
+    return refuse
 
 
 class InferenceMode(AdapterSwitch):
@@ -195,26 +215,14 @@ class JointModel(SteeringWrapper):
         ``get_decay_parameter_names``), each part is split into a group with ``weight_decay``
         (those names) and one without; otherwise every group gets ``weight_decay``.
         """
-        groups = []
-        for name, learning_rate, named in (
-            ("lora", lora_learning_rate, self.lora_named_parameters()),
-            ("steering", steer_learning_rate, self.steering_named_parameters()),
-        ):
-            learning_rate = check_learning_rate(f"{name} learning rate", learning_rate)
-            trainable = [(n, p) for n, p in named if p.requires_grad]
-            if decay_parameter_names is None:
-                splits = [(weight_decay, [p for _, p in trainable])]
-            else:
-                splits = [
-                    (weight_decay, [p for n, p in trainable if n in decay_parameter_names]),
-                    (0.0, [p for n, p in trainable if n not in decay_parameter_names]),
-                ]
-            for decay, params in splits:
-                if params:
-                    groups.append(
-                        {"params": params, "lr": learning_rate, "weight_decay": decay, "name": name}
-                    )
-        return groups
+        return part_parameter_groups(
+            {
+                "lora": (lora_learning_rate, self.lora_named_parameters()),
+                "steering": (steer_learning_rate, self.steering_named_parameters()),
+            },
+            weight_decay,
+            decay_parameter_names,
+        )
 
     def print_trainable_parameters(self) -> None:
         """Print the parameter counts, per part."""
@@ -347,6 +355,11 @@ class JointModel(SteeringWrapper):
             "lora_config": lora_config_dict(self.lora_config),
         }
 
+    @staticmethod
+    def _saved_steer_format(values: dict[str, Any]) -> object:
+        steer = values.get("steer_config")
+        return steer.get("format_version") if isinstance(steer, dict) else None
+
     def _load_saved_state(self, values: dict[str, Any]) -> None:
         check_joint_values(values, "the saved JointModel state")
         steer = SteerConfig.from_dict(values["steer_config"])
@@ -354,6 +367,13 @@ class JointModel(SteeringWrapper):
         differing.update(lora_differences(values["lora_config"], self.lora_config))
         raise_if_different(differing, "joint model")
         self.set_scale(steer.scale)
+
+    # SteerModel's verbs, refused here rather than reaching the transformers model's namesakes.
+
+    add_adapter = _refusal("add_adapter")
+    load_adapter = _refusal("load_adapter")
+    set_adapter = _refusal("set_adapter")
+    delete_adapter = _refusal("delete_adapter")
 
     def _lora_tensors(self) -> dict[str, torch.Tensor]:
         """PEFT's adapter state dict, with the keys of the model without steering."""

@@ -19,12 +19,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..block import SteeredBlock
 from ..config import SteerConfig
-from ..families import family_for, residual_writer_paths
-from ..injection import SteeringPlan, plan_steering
-from ..orthogonality import OrthogonalityConfig
+from ..injection import SteeredBlock, SteeringPlan, plan_steering
+from ..injection.families import family_for, residual_writer_paths
 from ..wrapper import SteeringWrapper
+from .orthogonality import OrthogonalityConfig
 
 
 def check_learning_rate(name: str, value: object) -> float:

@@ -28,7 +28,7 @@ from .model_suite import INFERENCE_SUITE, LEARNING_RATE, TRAINING_SUITE
 from .progress import Progress, format_duration, probe_model
 from .records import BenchmarkRecord, RunContext, environment, save_records, write_text_atomic
 from .report import render_report
-from .settings import CPU_THREADS, BenchmarkSettings
+from .settings import CPU_THREADS, DEFAULT_ACTIVATION, BenchmarkSettings
 
 # The suites in the order they run: (run, estimate_s(ctx, probe, flops_per_s)) by name.
 SUITE_RUNNERS = {
@@ -103,11 +103,19 @@ def describe_run(settings: BenchmarkSettings) -> str:
     return "\n".join(
         [
             f"steer-fast bench: {s.spec.name}, {s.dtype_name}, batch {s.batch} x {s.seq_len}, "
-            f"rank {s.rank}, {s.activation}, on {s.device} with {threads}; size {sizes[s.size]}",
+            f"rank {s.rank}, {s.activation}{activation_note(s.activation)}, on {s.device} with "
+            f"{threads}; size {sizes[s.size]}",
             *lines,
             f"  results: {s.out}/",
         ]
     )
+
+
+def activation_note(activation: str) -> str:
+    """What the report says after the steering activation: whether it is SteerConfig()'s."""
+    if activation == DEFAULT_ACTIVATION:
+        return " (SteerConfig()'s default, the published adapter)"
+    return f" (--activation; SteerConfig() builds {DEFAULT_ACTIVATION})"
 
 
 def run_notes(
@@ -134,6 +142,7 @@ def run_notes(
     )
     return notes + [
         f"- Threads: {threads}; size: {settings.size}",
+        f"- Steering activation: {settings.activation}{activation_note(settings.activation)}",
         machine.note(),
         *(
             [

@@ -26,12 +26,17 @@ from typing import Any, NamedTuple
 
 import torch
 
+from steer_fast import SteerConfig
 from steer_fast.ops import ACTIVATIONS
 
 from .methods import METHODS, SUITES
 from .mixed_methods import SPREADS
 from .models import PRESETS, ModelPreset, ModelSpec, build_spec
 from .timing import TimingPlan
+
+# What the suites steer with unless --activation says otherwise: the published adapter that
+# SteerConfig() builds (SiLU), so that the default run measures the default configuration.
+DEFAULT_ACTIVATION: str = SteerConfig().activation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Where runs go without --out, relative to the current directory.
@@ -139,7 +144,7 @@ class BenchmarkOptions:
     activation: str | None = option(
         "steering nonlinearity; also narrows the kernel grid",
         SHAPES,
-        "identity",
+        f"{DEFAULT_ACTIVATION}, what SteerConfig() builds",
         choices=ACTIVATIONS,
     )
     decode_tokens: int | None = option(
@@ -326,7 +331,7 @@ class BenchmarkSettings:
             batch=batch,
             seq_len=seq_len,
             rank=rank,
-            activation=o.activation or "identity",
+            activation=o.activation or DEFAULT_ACTIVATION,
             decode_tokens=decode_tokens,
             seed=int(o.seed),
             methods=methods,

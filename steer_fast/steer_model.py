@@ -1,12 +1,14 @@
 """SteerModel: a transformers model with post-block steering, in the manner of a PeftModel.
 
 ``get_steer_model(model, config)`` replaces each chosen decoder layer of ``model`` with a
-``SteeredBlock`` (``steer_fast.block``) holding the original layer and a ``PostBlockAdapter``:
+``SteeredBlock`` (``steer_fast.injection.steered_block``) holding the original layer and a
+``PostBlockAdapter``:
 
     out = h + s * (U phi(D h + b_d) + b_u)       h: the layer's output (after its skip add)
 
 and freezes everything else. ``steer_fast.injection`` finds the layers and plans each one's path;
-``steer_fast.saved_state`` reads what ``save_pretrained`` and the Trainer write.
+``steer_fast.saving`` writes and reads what ``save_pretrained`` and the Trainer save. Named
+adapters and mixed batches come from ``NamedAdapterWrapper`` (``steer_fast.named_adapters``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from .block import PATH_FUSED, PATH_PLAIN, SteeredBlock, is_steering_parameter
 from .config import SteerConfig
-from .distributed import is_main_process as _is_main_process
+from .constants import (
+    DEFAULT_ADAPTER_NAME,
+    NAMED_ADAPTERS_KEY,
+    PATH_FUSED,
+    PATH_PLAIN,
+    is_steering_parameter,
+)
+from .distributed import is_main_process as default_is_main_process
 from .injection import (
+    SteeredBlock,
     apply_steering_plan,
     find_decoder_layers,
     plan_named_adapter,
@@ -30,23 +38,18 @@ from .injection import (
     remove_steering,
     steered_blocks,
 )
-from .mixed_batch import DEFAULT_ADAPTER_NAME
-from .named_adapters import NamedAdapters
-from .ops.checks import check_scale
-from .saved_state import (
-    NAMED_ADAPTERS_KEY,
+from .named_adapters import NamedAdapterWrapper
+from .saving.atomic import save_directory_atomically
+from .saving.state import (
     check_is_trainable,
     raise_if_different,
-    read_all_steering,
-    split_named_state,
     structural_differences,
     with_backend,
 )
-from .saving import save_directory_atomically
-from .wrapper import SteeringWrapper
+from .saving.steering_files import read_all_steering, split_named_state
 
 
-class SteerModel(NamedAdapters, SteeringWrapper):
+class SteerModel(NamedAdapterWrapper):
     """A transformers model with post-block steering adapters, in the manner of a PeftModel.
 
     Build it with ``get_steer_model(model, config)``. Calls go to the wrapped model (``forward``
@@ -80,73 +83,6 @@ class SteerModel(NamedAdapters, SteeringWrapper):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(is_steering_parameter(name))
         self._init_named_adapters()
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        adapter_names: Sequence[str] | None = None,
-        steering_scales: Sequence[float] | torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The wrapped model's forward; ``adapter_names`` (one per row, "__base__" for none)
-        and ``steering_scales`` (one float per row) make it a mixed batch."""
-        batch_size, device = self._batch_size(
-            (), {"input_ids": input_ids, "inputs_embeds": inputs_embeds}
-        )
-        routing = self._routing(adapter_names, steering_scales, batch_size, device)
-        if routing is None:
-            return SteeringWrapper.forward(
-                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
-            )
-        self._route_rows(routing)
-        if torch.compiler.is_compiling():
-            # torch.compile traces no try/finally around the model: a traced call that raised
-            # leaves the routing set until the next call of this model sets its own.
-            output = SteeringWrapper.forward(
-                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
-            )
-            self._route_rows(None)
-            return output
-        try:
-            return SteeringWrapper.forward(
-                self, input_ids, attention_mask, inputs_embeds, labels, **kwargs
-            )
-        finally:
-            self._route_rows(None)
-
-    def generate(
-        self,
-        *args: Any,
-        adapter_names: Sequence[str] | None = None,
-        steering_scales: Sequence[float] | torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The wrapped model's generate; ``adapter_names`` and ``steering_scales`` as in
-        ``forward`` (rows expanded for beams and several return sequences follow their row)."""
-        batch_size, device = self._batch_size(args, kwargs)
-        routing = self._routing(adapter_names, steering_scales, batch_size, device)
-        self._route_rows(routing)
-        try:
-            return SteeringWrapper.generate(self, *args, **kwargs)
-        finally:
-            self._route_rows(None)
-
-    def set_scale(self, scale: float, adapter_name: str | None = None) -> None:
-        """Set the steering strength s of adapter ``adapter_name``, or of every adapter
-        (0: no steering)."""
-        scale = check_scale(scale)
-        names = (
-            self.list_adapters()
-            if adapter_name is None
-            else [self._check_loaded("adapter_name", adapter_name)]
-        )
-        for name in names:
-            for _, _, adapter in self._all_adapters(name):
-                adapter.scale = scale
-            self.steer_configs[name].scale = scale
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model, steered blocks in place."""
@@ -194,6 +130,10 @@ class SteerModel(NamedAdapters, SteeringWrapper):
             state[NAMED_ADAPTERS_KEY] = named
         return state
 
+    @staticmethod
+    def _saved_steer_format(values: dict[str, Any]) -> object:
+        return values.get("format_version")
+
     def _load_saved_state(self, values: dict[str, Any]) -> None:
         """Check a loaded state_dict's configs against the adapters loaded here (each adapter
         it holds must be loaded, with the same structure), then take over their scales. It runs
@@ -234,7 +174,7 @@ class SteerModel(NamedAdapters, SteeringWrapper):
         every process must call it, since the sharded adapters are gathered first.
         """
         files, written = self._adapter_files(selected_adapters)
-        if not (_is_main_process() if is_main_process is None else is_main_process):
+        if not (default_is_main_process() if is_main_process is None else is_main_process):
             return
         save_directory_atomically(
             save_directory, lambda staging: self._write_adapter_files(staging, files), written

@@ -1,32 +1,33 @@
 """The steered block: a decoder layer with its steering; it stands in for the layer.
 
-A ``SteeredBlock`` holds one steering module per site (``steer_fast.adapter``): at "block",
-the layer's output h (after its skip connection) becomes
+A ``SteeredBlock`` holds the steering modules of every adapter that steers its layer
+(``steer_fast.modules``), one ``nn.ModuleDict`` per site keyed by adapter name (the naming rule
+of ``steer_fast.constants``: ``steer_adapter.{name}`` at "block", ``steer_adapter_attn.{name}``
+and ``steer_adapter_mlp.{name}`` at the branch sites). At "block" the layer's output h (after
+its skip connection) becomes
 
     out = h + s * (U phi(D h + b_d) + b_u)       (rank >= 1)      or      h + s * b   (rank 0)
 
 and at "attn" / "mlp" the same is applied to that branch's output before its residual add.
-The block takes one of two paths, fixed when it is made (``steer_fast.injection`` decides):
+The block takes one of two paths, fixed when it is made (``steer_fast.injection.plan``
+decides):
 
-- "fused": the layer's family has a layout in ``steer_fast.families``; the block runs the
-  layer's own submodules and hands the MLP branch and the residual to the steering op, which
-  does the final residual add and the steering in one kernel (a rank-0 vector at a branch site
-  is fused with that branch's residual add too).
+- "fused": the layer's family has a layout in ``families``; the block runs the layer's own
+  submodules and hands the MLP branch and the residual to the steering op, which does the final
+  residual add and the steering in one kernel (a rank-0 vector at a branch site is fused with
+  that branch's residual add too).
 - "plain": the layer runs as it is; its output (a tensor, or the first element of a tuple) is
   steered at "block", and forward hooks on the branch modules steer "attn" / "mlp".
 
-A block holds the model's first adapter ("default") in the attributes above and any further
-named adapters in ``steer_adapters`` (name -> site attribute -> module). One of them, the active
-adapter, runs on every row; a mixed batch (``steer_fast.mixed_batch``) instead gives each row
-its own adapter and strength, and every site then runs ``multi_adapter_steer`` over the stacked
-adapters of that site.
+One adapter, the active one, runs on every row; a mixed batch (``routing``) instead gives each
+row its own adapter and strength, and every site then runs ``multi_adapter_steer`` over the
+stacked adapters of that site.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,37 +35,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import Steering
-from .config import SITES as SITE_ORDER
-from .families import FusedBlockSpec, run_fused_block
-from .mixed_batch import DEFAULT_ADAPTER_NAME, RowRouting, mixed_site_steerer
-from .shims import (
+from ..constants import DEFAULT_ADAPTER_NAME, PATH_FUSED, PATH_PLAIN, SITES, site_attribute
+from ..modules import Steering
+from ..shims import (
     checkpointed_call,
     checkpointing_active,
     layer_forward_function,
     share_forward_hooks,
 )
+from .families import FusedBlockSpec, run_fused_block
+from .routing import RowRouting, mixed_site_steerer
 
-PATH_FUSED = "fused"
-PATH_PLAIN = "plain"
+__all__ = ["PATH_FUSED", "PATH_PLAIN", "CallConvention", "LayerPlan", "SteeredBlock"]
 
-# Every steering parameter's name contains this, so that they are easy to select: the block
-# site's module is ``steer_adapter``, the branch sites' ``steer_adapter_attn`` / ``_mlp``.
-ADAPTER_NAME = "steer_adapter"
-_STEERING_PARAMETER = re.compile(rf"(?:^|\.){ADAPTER_NAME}(?:_attn|_mlp)?\.")
 # (hidden, residual or None) -> the steered hidden state (residual + hidden when given).
 SiteSteerer = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def adapter_attribute(site: str) -> str:
-    """The SteeredBlock attribute holding the steering module of ``site``."""
-    return ADAPTER_NAME if site == "block" else f"{ADAPTER_NAME}_{site}"
-
-
-def is_steering_parameter(name: str) -> bool:
-    """Whether the parameter called ``name`` (in any enclosing module) belongs to a steering
-    module."""
-    return _STEERING_PARAMETER.search(name) is not None
 
 
 def steer_hidden_states(
@@ -152,29 +137,36 @@ class LayerPlan:
 class SteeredBlock(nn.Module):
     """A decoder layer with its steering modules; stands in for the layer.
 
-    ``base_layer`` is the original layer; ``steer_adapter`` (site "block"),
-    ``steer_adapter_attn`` and ``steer_adapter_mlp`` its steering modules, those of its sites.
-    The block is called exactly as the layer is and returns what the layer returns, steered.
-    The block shares its forward hooks and pre-hooks with the wrapped layer: hooks registered on
-    either (such as those transformers installs for ``output_hidden_states``) fire once per
-    call, around the steered block, so they see the steered output, and they stay on the layer
-    when the block is removed. Gradient checkpointing follows the wrapped layer's own setting
-    (``gradient_checkpointing_enable()`` sets it) and covers the steering. On the plain path the
-    branch sites are forward hooks on the branch modules, put on by ``attach()`` and taken off
-    by ``detach()``.
+    ``base_layer`` is the original layer; ``steer_adapter``, ``steer_adapter_attn`` and
+    ``steer_adapter_mlp`` (those of the sites some adapter steers here) map each adapter's name
+    to its steering module at that site. The block is called exactly as the layer is and returns
+    what the layer returns, steered. The block shares its forward hooks and pre-hooks with the
+    wrapped layer: hooks registered on either (such as those transformers installs for
+    ``output_hidden_states``) fire once per call, around the steered block, so they see the
+    steered output, and they stay on the layer when the block is removed. Gradient checkpointing
+    follows the wrapped layer's own setting (``gradient_checkpointing_enable()`` sets it) and
+    covers the steering. On the plain path the branch sites are forward hooks on the branch
+    modules, put on by ``attach()`` and taken off by ``detach()``.
+
+    Args:
+        base_layer: the decoder layer.
+        adapters: the first adapter's steering modules, by site (empty for a layer that only
+            adapters added later steer), stored under ``adapter_name``.
+        plan: how the layer is steered (``steer_fast.injection.plan``).
+        adapter_name: the first adapter's name.
     """
 
     def __init__(
-        self, base_layer: nn.Module, adapters: dict[str, Steering], plan: LayerPlan
+        self,
+        base_layer: nn.Module,
+        adapters: dict[str, Steering],
+        plan: LayerPlan,
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        for site, adapter in adapters.items():
-            setattr(self, adapter_attribute(site), adapter)
-        self.sites = tuple(adapters)
-        # Further named adapters: "steer_adapters.{name}.{attribute}.{...}", whose parameter
-        # names contain ".steer_adapter[_attn|_mlp]." too (is_steering_parameter).
-        self.steer_adapters = nn.ModuleDict()
+        # The adapters that steer this layer, in the order they were added.
+        self._adapter_order: list[str] = []
         self.active_adapter = DEFAULT_ADAPTER_NAME
         self.layer_index = plan.index
         self.path = plan.path
@@ -184,7 +176,7 @@ class SteeredBlock(nn.Module):
         self._branch_ends = dict(plan.branch_ends)
         self._hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._attached = False
-        # Set by the model for the length of a mixed-batch call (``steer_fast.mixed_batch``).
+        # Set by the model for the length of a mixed-batch call (``routing``).
         self.routing: RowRouting | None = None
         # The steerers of the call under way, for the branch hooks of the plain path.
         self._steerers: dict[str, SiteSteerer] = {}
@@ -192,34 +184,43 @@ class SteeredBlock(nn.Module):
         self._layer_forward = layer_forward_function(base_layer)
         self._call = CallConvention.of(self._layer_forward) if plan.spec else None
         share_forward_hooks(self, base_layer)
+        if adapters:
+            self._store(adapter_name, adapters)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The sites the default adapter steers in this layer (in the order block, attn, mlp)."""
+        return tuple(self.adapters(DEFAULT_ADAPTER_NAME))
 
     def adapters(self, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, Steering]:
         """Site -> the steering module of adapter ``adapter_name`` ("default": the model's
         first adapter); empty when that adapter does not steer this layer."""
-        if adapter_name == DEFAULT_ADAPTER_NAME:
-            return {site: getattr(self, adapter_attribute(site)) for site in self.sites}
-        if adapter_name not in self.steer_adapters:
-            return {}
-        modules = self.steer_adapters[adapter_name]
-        return {
-            site: modules[adapter_attribute(site)]
-            for site in SITE_ORDER
-            if adapter_attribute(site) in modules
-        }
+        found = {}
+        for site in SITES:
+            modules = getattr(self, site_attribute(site), None)
+            if modules is not None and adapter_name in modules:
+                found[site] = modules[adapter_name]
+        return found
 
     def adapter_names(self) -> list[str]:
-        """The names of the adapters that steer this layer, the default first."""
-        names = [DEFAULT_ADAPTER_NAME] if self.sites else []
-        return names + list(self.steer_adapters)
+        """The names of the adapters that steer this layer, in the order they were added (the
+        model's first adapter, "default", first)."""
+        return list(self._adapter_order)
 
-    def add_named_adapter(
+    def _store(self, adapter_name: str, adapters: dict[str, Steering]) -> None:
+        for site, module in adapters.items():
+            attribute = site_attribute(site)
+            if not hasattr(self, attribute):
+                self.add_module(attribute, nn.ModuleDict())
+            getattr(self, attribute)[adapter_name] = module
+        self._adapter_order.append(adapter_name)
+
+    def add_adapter(
         self, adapter_name: str, adapters: dict[str, Steering], branch_ends: dict[str, str]
     ) -> None:
-        """Add adapter ``adapter_name`` (site -> module) besides the default; ``branch_ends``
-        names the branch modules of its branch sites (plain path; checked by the caller)."""
-        self.steer_adapters[adapter_name] = nn.ModuleDict(
-            {adapter_attribute(site): module for site, module in adapters.items()}
-        )
+        """Add adapter ``adapter_name`` (site -> module); ``branch_ends`` names the branch
+        modules of its branch sites (plain path; checked by the caller)."""
+        self._store(adapter_name, adapters)
         attached = self._attached
         self.detach()
         self._branch_ends.update(branch_ends)
@@ -227,10 +228,14 @@ class SteeredBlock(nn.Module):
             self.attach()
         self._stack_cache.clear()
 
-    def delete_named_adapter(self, adapter_name: str) -> None:
-        """Take adapter ``adapter_name`` (not the default) off this layer, if it steers it."""
-        if adapter_name in self.steer_adapters:
-            del self.steer_adapters[adapter_name]
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Take adapter ``adapter_name`` off this layer, if it steers it."""
+        for site in SITES:
+            modules = getattr(self, site_attribute(site), None)
+            if modules is not None and adapter_name in modules:
+                del modules[adapter_name]
+        if adapter_name in self._adapter_order:
+            self._adapter_order.remove(adapter_name)
         self._stack_cache.clear()
 
     # --- branch hooks (plain path) ---------------------------------------------------------
@@ -310,7 +315,7 @@ class SteeredBlock(nn.Module):
             }
         steerers = {}
         by_name = {name: self.adapters(name) for name in self.adapter_names()}
-        for site in SITE_ORDER:
+        for site in SITES:
             members = {
                 name: adapters[site] for name, adapters in by_name.items() if site in adapters
             }
@@ -319,7 +324,9 @@ class SteeredBlock(nn.Module):
         return steerers
 
     def extra_repr(self) -> str:
-        return f"layer_index={self.layer_index}, path={self.path!r}, sites={list(self.sites)}"
+        return (
+            f"layer_index={self.layer_index}, path={self.path!r}, adapters={self.adapter_names()}"
+        )
 
 
 def _single_steerer(adapter: Steering, site: str) -> SiteSteerer:

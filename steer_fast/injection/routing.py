@@ -1,4 +1,4 @@
-"""Mixed batches: every row of a batch with its own adapter and its own strength.
+"""Row routing: every row of a mixed batch with its own adapter and its own strength.
 
 ``SteerModel(..., adapter_names=[...], steering_scales=[...])`` (and ``generate``) gives each
 row one of the model's loaded adapters, or "__base__" for none, and optionally its own scale.
@@ -32,12 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .adapter import Steering, _block_dtype
-
-# The name of the adapter a model is built with, as in PEFT.
-DEFAULT_ADAPTER_NAME = "default"
-# A row of a mixed batch that no adapter steers (PEFT's name for it).
-BASE_ADAPTER_NAME = "__base__"
+from ..modules import Steering, block_dtype
+from ..ops.multi_adapter_steer import multi_adapter_steer
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,14 +130,12 @@ def mixed_site_steerer(
     at ``site`` (plus residual when given), for the adapters ``members`` (name -> module) that
     steer ``site`` in this block. ``cache`` is the block's: slot tables, scale tables and, when
     nothing is recorded for autograd, the stacked weights."""
-    from .ops.multi_adapter_steer import multi_adapter_steer
-
     names = tuple(members)
     modules = tuple(members.values())
     slot_of = {name: slot for slot, name in enumerate(names, start=1)}
 
     def steer(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        dtype = _block_dtype(hidden, residual)
+        dtype = block_dtype(hidden, residual)
         device = hidden.device
         parameters = _parameters(modules)
         recording = torch.is_grad_enabled() and any(p.requires_grad for p in parameters)

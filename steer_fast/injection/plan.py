@@ -17,108 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import make_steering
-from .block import PATH_FUSED, PATH_PLAIN, LayerPlan, SteeredBlock
-from .config import SteerConfig
+from ..config import SteerConfig
+from ..constants import PATH_FUSED, PATH_PLAIN
+from ..modules import make_steering
+from ..ops import TORCH_DTYPES, resolve_backend
+from ..shims import layer_forward_function
 from .families import branch_end_paths, check_fused_layer, family_for
-from .ops import TORCH_DTYPES, resolve_backend
-from .shims import layer_forward_function
-from .wrapper import SteeringWrapper
-
-# Where decoder layers live when ``_no_split_modules`` does not say (and to break ties).
-KNOWN_LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",
-    "model.language_model.layers",
-    "language_model.model.layers",
-    "model.decoder.layers",
-    "decoder.layers",
-    "transformer.h",
-    "transformer.layers",
-    "transformer.blocks",
-    "gpt_neox.layers",
-    "layers",
-    "h",
-    "blocks",
-)
-
-
-def _path_rank(name: str) -> int | None:
-    """Position in KNOWN_LAYER_PATHS of the first usual place ``name`` is (or ends with)."""
-    for rank, path in enumerate(KNOWN_LAYER_PATHS):
-        if name == path or name.endswith("." + path):
-            return rank
-    return None
-
-
-def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, list) of ``model``'s decoder layers.
-
-    The list is the ModuleList whose layers are all of a class named in the ``_no_split_modules``
-    of the model (or of a transformers model inside it); failing that, a ModuleList at a usual
-    place (``model.layers``, ``transformer.h``, ``gpt_neox.layers``, ...). Among several
-    candidates, the one at the most specific usual place wins (``model.language_model.layers``
-    over a vision tower's ``encoder.layers``).
-
-    Raises:
-        ValueError: if no such list exists, or if several remain.
-    """
-    no_split: set[str] = set()
-    for module in model.modules():
-        names = getattr(module, "_no_split_modules", None)
-        if isinstance(names, (list, tuple, set)):
-            no_split.update(name for name in names if isinstance(name, str))
-    lists = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
-    ]
-    candidates = [
-        (name, module)
-        for name, module in lists
-        if all(type(layer).__name__ in no_split for layer in module)
-    ]
-    if not candidates:
-        candidates = [(name, module) for name, module in lists if _path_rank(name) is not None]
-    ranks = [_path_rank(name) for name, _ in candidates]
-    if len(candidates) > 1 and any(rank is not None for rank in ranks):
-        best = min(rank for rank in ranks if rank is not None)
-        candidates = [c for c, rank in zip(candidates, ranks, strict=True) if rank == best]
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise ValueError(
-            f"model ({type(model).__name__}) has no recognisable decoder layers: expected a "
-            f"ModuleList of layers named in _no_split_modules ({sorted(no_split)}) or one at "
-            f"{list(KNOWN_LAYER_PATHS)}"
-        )
-    raise ValueError(
-        f"model ({type(model).__name__}) has several candidate decoder-layer lists "
-        f"{[name for name, _ in candidates]}; steer one language model at a time"
-    )
-
-
-def _hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    if config is not None:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        size = getattr(text_config, "hidden_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    if isinstance(embeddings, nn.Embedding):
-        return embeddings.embedding_dim
-    raise ValueError(
-        f"cannot tell the hidden size of {type(model).__name__}: it has neither "
-        "config.hidden_size nor input embeddings"
-    )
-
-
-def _first_floating(module: nn.Module) -> torch.Tensor | None:
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.is_floating_point():
-            return tensor
-    return None
+from .layers import find_decoder_layers, first_floating, layer_device, model_hidden_size
+from .steered_block import LayerPlan, SteeredBlock
 
 
 @dataclass(frozen=True)
@@ -157,12 +63,11 @@ def plan_steering(model: nn.Module, config: SteerConfig) -> SteeringPlan:
     config = _check_config(config)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, SteeringWrapper) or any(
-        isinstance(m, SteeredBlock) for m in model.modules()
-    ):
+    # A SteerModel or JointModel holds the model it steers, and so its SteeredBlocks.
+    if any(isinstance(m, SteeredBlock) for m in model.modules()):
         raise ValueError("model is already steered; unload() it before steering it again")
     layers_name, layers = find_decoder_layers(model)
-    hidden_size = _hidden_size(model)
+    hidden_size = model_hidden_size(model)
     if config.hidden_size is not None and config.hidden_size != hidden_size:
         raise ValueError(
             f"the steer config is for hidden_size={config.hidden_size}, but the model's hidden "
@@ -182,14 +87,14 @@ def plan_steering(model: nn.Module, config: SteerConfig) -> SteeringPlan:
         )
     dtype = config.dtype
     if dtype is None:
-        reference = _first_floating(layers)
+        reference = first_floating(layers)
         dtype = reference.dtype if reference is not None else torch.get_default_dtype()
         if dtype not in TORCH_DTYPES:
             raise ValueError(
                 f"the model's dtype {dtype} is not supported by the steering kernels; set "
                 f"SteerConfig.dtype to one of {[str(d) for d in TORCH_DTYPES]}"
             )
-    for device in {_layer_device(layers[index]) for index in indices}:
+    for device in {layer_device(layers[index]) for index in indices}:
         resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
 
     plans = [_plan_layer(index, layers[index], config) for index in indices]
@@ -275,7 +180,7 @@ def plan_named_adapter(model: nn.Module, layers_name: str, config: SteerConfig) 
     """
     config = _check_config(config)
     layers = model.get_submodule(layers_name)
-    hidden_size = _hidden_size(model)
+    hidden_size = model_hidden_size(model)
     bases = [layer.base_layer if isinstance(layer, SteeredBlock) else layer for layer in layers]
     for name, value, actual in (
         ("hidden_size", config.hidden_size, hidden_size),
@@ -293,11 +198,11 @@ def plan_named_adapter(model: nn.Module, layers_name: str, config: SteerConfig) 
             f"config: layers {out_of_range} out of range: the model has {len(layers)} decoder "
             "layers"
         )
-    reference = _first_floating(bases[indices[0]])
+    reference = first_floating(bases[indices[0]])
     dtype = config.dtype or (
         reference.dtype if reference is not None else torch.get_default_dtype()
     )
-    for device in {_layer_device(bases[index]) for index in indices}:
+    for device in {layer_device(bases[index]) for index in indices}:
         resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
     new_layers, branch_ends = [], {}
     for index in indices:
@@ -340,20 +245,13 @@ def apply_named_adapter(
     modules = {}
     for index in indices:
         base = new_blocks[index].base_layer if index in new_blocks else layers[index].base_layer
-        device = _layer_device(base)
+        device = layer_device(base)
         modules[index] = {site: make_steering(config, device, plan.dtype) for site in config.site}
     for index, block in new_blocks.items():
         layers[index] = block
         block.attach()
     for index in indices:
-        layers[index].add_named_adapter(
-            adapter_name, modules[index], plan.branch_ends.get(index, {})
-        )
-
-
-def _layer_device(layer: nn.Module) -> torch.device:
-    reference = next(iter([*layer.parameters(), *layer.buffers()]), None)
-    return reference.device if reference is not None else torch.device("cpu")
+        layers[index].add_adapter(adapter_name, modules[index], plan.branch_ends.get(index, {}))
 
 
 def apply_steering_plan(model: nn.Module, plan: SteeringPlan) -> dict[int, SteeredBlock]:
@@ -367,7 +265,7 @@ def apply_steering_plan(model: nn.Module, plan: SteeringPlan) -> dict[int, Steer
     blocks = {}
     for layer_plan in plan.layers:
         layer = layers[layer_plan.index]
-        device = _layer_device(layer)
+        device = layer_device(layer)
         adapters = {site: make_steering(config, device, plan.dtype) for site in config.site}
         blocks[layer_plan.index] = SteeredBlock(layer, adapters, layer_plan)
     for index, block in blocks.items():

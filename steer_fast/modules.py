@@ -33,7 +33,7 @@ def _check_size(name: str, value: object) -> int:
     return value
 
 
-def _block_dtype(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+def block_dtype(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
     """The dtype a block returns for ``residual + hidden``: the promoted dtype of the two (under
     torch.autocast the residual stream can be fp32 while a branch output is bf16)."""
     return hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype)
@@ -120,7 +120,7 @@ class PostBlockAdapter(nn.Module):
     def steer(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` in the dtype the unsteered block returns (hidden, residual and the
         weights cast to it)."""
-        dtype = _block_dtype(hidden, residual)
+        dtype = block_dtype(hidden, residual)
         down, up = self.down, self.up
         return post_block_steer(
             hidden.to(dtype),
@@ -184,7 +184,7 @@ class SteeringVector(nn.Module):
 
     def steer(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``forward`` in the dtype the unsteered block returns."""
-        dtype = _block_dtype(hidden, residual)
+        dtype = block_dtype(hidden, residual)
         return steering_vector(
             hidden.to(dtype),
             self.vector.to(dtype),

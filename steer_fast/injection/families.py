@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .shims import MIN_TRANSFORMERS_MAJOR_FOR_FUSING, transformers_major
+from ..shims import MIN_TRANSFORMERS_MAJOR_FOR_FUSING, transformers_major
 
 
 @dataclass(frozen=True)
