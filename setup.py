@@ -1,9 +1,13 @@
 """Packaging for steer_fast, the library (the tooling is the steer-fast-bench distribution in
 bench/).
 
-The Triton kernels live in ``kernels/`` in the repository and are installed only as
-``steer_fast.kernels`` (``package_dir``), never as a top-level ``kernels``: that name belongs to the
-Hugging Face kernel-hub package, which transformers probes for (tests/test_packaging.py).
+The Triton kernels live in ``kernels/`` at the top of the repository and are installed only as
+``steer_fast.kernels``, never as a top-level ``kernels``: that name belongs to the Hugging Face
+kernel-hub package, which transformers imports. ``kernels/`` has no ``__init__.py``, so that
+Python started in the repository root (where it is on sys.path) still imports the installed
+hub package: a folder without one loses to a regular package of the same name. The package sees
+the folder through the link ``steer_fast/kernels -> ../kernels``, as a namespace subpackage, in
+an editable install and in a built wheel alike (tests/test_packaging.py).
 """
 
 from setuptools import find_packages, setup
@@ -15,8 +19,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # steer_fast.kernels has no __init__.py: named here, since find_packages skips it.
     packages=[*find_packages(include=["steer_fast", "steer_fast.*"]), "steer_fast.kernels"],
-    package_dir={"steer_fast": "steer_fast", "steer_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
@@ -36,6 +40,7 @@ setup(
             "trl>=1.16",
             "gguf>=0.10",
             "accelerate>=0.26",
+            "bitsandbytes>=0.50",  # 4-/8-bit bases on the CPU (tests/test_quantized.py)
         ],
         # TRL's trainers (SFTTrainer, GRPOTrainer, ...) accept steer_fast models as they are.
         "trl": ["trl>=1.16"],

@@ -28,6 +28,8 @@ def _modules() -> dict[str, Path]:
     for package, folder in PACKAGES.items():
         for path in folder.rglob("*.py"):
             parts = [p for p in path.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            if package == "steer_fast" and parts[:1] == ["kernels"]:
+                continue  # the link steer_fast/kernels -> ../kernels: read once, as kernels/
             modules[".".join([package, *parts])] = path
     return modules
 

@@ -10,14 +10,24 @@ import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import steer_fast
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+KERNELS_DIR = REPOSITORY / "kernels"
 
-def _run(code: str) -> dict:
-    with tempfile.TemporaryDirectory() as cwd:
+
+def _run(code: str, cwd: Path | None = None) -> dict:
+    """``code`` in a fresh interpreter started in ``cwd`` (a new empty folder by default); the
+    JSON object its last line prints."""
+    with tempfile.TemporaryDirectory() as empty:
         done = subprocess.run(
-            [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True
+            [sys.executable, "-c", code],
+            cwd=cwd or empty,
+            capture_output=True,
+            text=True,
+            check=True,
         )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -44,8 +54,27 @@ def test_no_top_level_kernels_package():
     )
     assert result["kernels"] == "steer_fast.kernels.post_block_steer"
     if result["origin"] is not None:  # only the real hub package may answer to "kernels"
-        assert "steer_fast" not in result["origin"]
+        assert not Path(result["origin"]).resolve().is_relative_to(KERNELS_DIR)
         assert importlib.metadata.version("kernels")
+
+
+def test_python_started_in_the_repository_root_builds_models():
+    """The repository root on sys.path (an interactive python there, a script saved in the
+    clone) leaves transformers its kernel-hub package: kernels/ is no regular package."""
+    result = _run(
+        "import importlib.util, json, transformers, torch, steer_fast\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,"
+        " num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)\n"
+        "logits = transformers.LlamaForCausalLM(config)(torch.tensor([[1, 2, 3]])).logits\n"
+        "print(json.dumps({'origin': getattr(spec, 'origin', None), 'shape': list(logits.shape),"
+        " 'regular': spec is not None and spec.origin is not None}))",
+        cwd=REPOSITORY,
+    )
+    assert result["shape"] == [1, 3, 64]
+    if result["regular"]:  # the hub package is installed: it, not kernels/, answers
+        assert not Path(result["origin"]).resolve().is_relative_to(KERNELS_DIR)
+    assert not (KERNELS_DIR / "__init__.py").exists()
 
 
 def test_distribution_ships_no_top_level_kernels():
