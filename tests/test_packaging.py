@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import steer_fast
@@ -77,10 +78,31 @@ def test_python_started_in_the_repository_root_builds_models():
     assert not (KERNELS_DIR / "__init__.py").exists()
 
 
-def test_distribution_ships_no_top_level_kernels():
-    files = importlib.metadata.files("steer_fast") or []
-    top_level = {str(f).split("/")[0] for f in files}
-    assert "kernels" not in top_level
+def test_the_wheel_ships_the_kernels_inside_the_package_only(tmp_path):
+    """A wheel built from this checkout: steer_fast/kernels/*.py, and no top-level kernels."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(REPOSITORY),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("steer_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert {entry for entry in top_level if not entry.endswith(".dist-info")} == {"steer_fast"}
+    kernels = {name.removeprefix("steer_fast/kernels/") for name in names if "/kernels/" in name}
+    assert {"post_block_steer.py", "launch.py", "tiles.py"} <= kernels
+    assert "__init__.py" not in kernels
 
 
 def test_transformers_still_behaves():
