@@ -26,6 +26,8 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "transformers>=4.50",
         "safetensors>=0.4",
+        # Hub ids, model cards and push_to_hub (steer_fast.hub, model_card, push).
+        "huggingface_hub>=1.0",
         "peft>=0.13",  # LoRA for joint adaptation (steer_fast.joint)
         "numpy",
     ],

@@ -10,8 +10,11 @@ with the base model frozen and only D, U and the biases trained.
 import importlib
 from typing import Any
 
+from .auto import AutoSteerModelForCausalLM
 from .config import SteerConfig
 from .constants import BASE_ADAPTER_NAME
+from .control_vector import load_control_vector
+from .hub import HubKwargs
 from .injection import find_decoder_layers
 from .joint.orthogonality import OrthogonalityConfig
 from .modules import PostBlockAdapter, SteeringVector
@@ -42,7 +45,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ACTIVATIONS",
+    "AutoSteerModelForCausalLM",
     "BASE_ADAPTER_NAME",
+    "HubKwargs",
     "JointModel",
     "JointTrainer",
     "OrthogonalityConfig",
@@ -53,6 +58,7 @@ __all__ = [
     "find_decoder_layers",
     "get_joint_model",
     "get_steer_model",
+    "load_control_vector",
     "multi_adapter_steer",
     "post_block_steer",
     "resolve_backend",

@@ -80,6 +80,17 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _check_name(name: str, value: object) -> str | None:
+    """None, or ``value`` as a non-empty string (a path is taken as its string)."""
+    if value is None:
+        return None
+    if isinstance(value, PathLike):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be None or a non-empty string, got {value!r}")
+    return value
+
+
 def _check_layers(layers: object) -> tuple[int, ...] | None:
     if layers is None:
         return None
@@ -136,6 +147,16 @@ class SteerConfig:
             config is applied to a model, saved with the adapter, and checked on load.
         num_layers: number of decoder layers of the model; filled in and checked like
             hidden_size.
+        base_model_name_or_path: the base model the adapter was put on, as PEFT's config names
+            it: a Hub repo id or a local path. Leave None: it is filled in from the model's
+            ``name_or_path`` when the config is applied to a model (and stays None for a model
+            built from a config, which has none). ``AutoSteerModelForCausalLM`` loads it; it is
+            a record, not checked on load (``SteerModel.from_pretrained`` takes any base with
+            the right shape).
+        revision: the base model's revision (a branch, tag or commit), or None: filled in with
+            ``base_model_name_or_path`` where transformers keeps it on the model (the commit of
+            a Hub snapshot, transformers 4), None otherwise (transformers 5 keeps none); set it
+            to pin the base ``AutoSteerModelForCausalLM`` loads.
         steer_type: the steering method, "post_block" (set by the library, not an argument).
         format_version: version of the saved format (set by the library, not an argument).
     """
@@ -152,6 +173,8 @@ class SteerConfig:
     init: str | None = None
     hidden_size: int | None = None
     num_layers: int | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
     steer_type: str = field(default=STEER_TYPE, init=False)
     format_version: int = field(default=FORMAT_VERSION, init=False)
 
@@ -203,6 +226,10 @@ class SteerConfig:
                     f"layers {list(self.layers)} has an index out of range for a model with "
                     f"num_layers={self.num_layers} (valid: 0..{self.num_layers - 1})"
                 )
+        self.base_model_name_or_path = _check_name(
+            "base_model_name_or_path", self.base_model_name_or_path
+        )
+        self.revision = _check_name("revision", self.revision)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (dtype by name, layers as a list)."""

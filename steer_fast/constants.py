@@ -32,6 +32,38 @@ TRAINER_WEIGHTS_NAME = "model.safetensors"  # what transformers.Trainer saves a 
 JOINT_CONFIG_NAME = "joint_config.json"  # a JointModel's joint type and orthogonality config
 PEFT_CONFIG_NAME = "adapter_config.json"  # PEFT's LoRA config (PeftConfig.save_pretrained)
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's LoRA tensors (PeftModel.save_pretrained)
+MODEL_CARD_NAME = "README.md"  # the model card save_pretrained writes (huggingface_hub's ModelCard)
+# The files of a save_pretrained folder that from_pretrained reads: what is downloaded from the Hub
+# for a repo id (the folder's top, or a subfolder's).
+HUB_ADAPTER_FILES: tuple[str, ...] = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    JOINT_CONFIG_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+)
+
+# ----------------------------------------------------------------------------------------------
+# The Hub: the model card's metadata and the method it cites
+# ----------------------------------------------------------------------------------------------
+
+LIBRARY_NAME = "steer_fast"  # the model card's library_name
+MODEL_CARD_TAGS: tuple[str, ...] = ("steer_fast", "activation-steering", "post-block-steering")
+JOINT_MODEL_CARD_TAGS: tuple[str, ...] = ("lora", "peft")  # added for a JointModel's folder
+PAPER_ARXIV_ID = "2603.00425"
+PAPER_TITLE = "Weight Updates as Activation Shifts: A Principled Framework for Steering"
+# The SteerConfig fields naming the base model an adapter was put on (PEFT's PeftConfig names);
+# recorded, never compared on load.
+BASE_MODEL_FIELDS: tuple[str, ...] = ("base_model_name_or_path", "revision")
+
+# llama.cpp's control vectors (``--control-vector``, repeng's ``export_gguf``): a GGUF file of
+# one f32 tensor "direction.<layer>" of the hidden size per steered decoder layer (0-based, added
+# to that layer's output), with these metadata keys.
+CONTROL_VECTOR_ARCHITECTURE = "controlvector"  # its general.architecture
+GGUF_ARCHITECTURE_KEY = "general.architecture"
+CONTROL_VECTOR_MODEL_HINT_KEY = "controlvector.model_hint"  # the model's model_type, a hint
+CONTROL_VECTOR_LAYER_COUNT_KEY = "controlvector.layer_count"  # the number of direction tensors
+CONTROL_VECTOR_TENSOR_PREFIX = "direction."
 
 # ----------------------------------------------------------------------------------------------
 # Formats

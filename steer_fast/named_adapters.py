@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,17 @@ from .constants import (
     DEFAULT_ADAPTER_NAME,
     WEIGHTS_NAME,
 )
+from .hub import resolve_adapter
 from .injection import apply_named_adapter, plan_named_adapter
+from .injection.layers import model_hidden_size
 from .injection.routing import RowRouting
 from .ops.checks import check_scale
+from .saving.control_vector_files import (
+    control_vector_directions,
+    control_vector_model_hint,
+    control_vector_steering,
+    write_control_vector,
+)
 from .saving.state import check_is_trainable, with_backend
 from .saving.steering_files import read_steering, write_steering_files
 from .wrapper import SteeringWrapper
@@ -123,16 +132,17 @@ class NamedAdapterWrapper(SteeringWrapper):
         adapter_name: str,
         is_trainable: bool = False,
         backend: str | None = None,
+        **hub_kwargs: Any,
     ) -> None:
-        """Load the adapter ``save_pretrained`` (or a Trainer checkpoint) wrote in ``model_id``
-        as ``adapter_name``. It is frozen unless ``is_trainable``.
+        """Load the adapter ``save_pretrained`` (or a Trainer checkpoint) wrote in ``model_id`` (a
+        folder or Hub repo id: ``hub_kwargs``) as ``adapter_name``, frozen unless ``is_trainable``.
 
         Raises:
             ValueError: as ``add_adapter``, and for a directory without a valid adapter or with
                 one saved for another base model. Nothing is loaded then.
         """
         check_is_trainable(is_trainable)
-        config, tensors = read_steering(Path(model_id))
+        config, tensors = read_steering(resolve_adapter(model_id, "model_id", **hub_kwargs))
         self._add_adapter(adapter_name, with_backend(config, backend))
         self.load_steering_tensors(tensors, adapter_name)
         if not is_trainable:
@@ -204,6 +214,17 @@ class NamedAdapterWrapper(SteeringWrapper):
     ) -> tuple[dict[str, tuple[SteerConfig, dict[str, torch.Tensor]]], tuple[str, ...]]:
         """(name -> (config, tensors), the entries written at the top of the directory)."""
         names = self._selected(selected_adapters)
+        off = [name for name in names if self.steer_configs[name].scale == 0]
+        if off:
+            # The scale is part of the adapter (set_scale changes what is saved, as a config
+            # field): say so where an adapter would load switched off.
+            warnings.warn(
+                f"steer_fast: saving adapter(s) {off} with scale 0.0: they load switched off; "
+                "set_scale() the trained strength first, or use disable_adapter() to switch "
+                "steering off without changing what is saved",
+                UserWarning,
+                stacklevel=3,
+            )
         files = {name: (self.steer_configs[name], self.steering_tensors(name)) for name in names}
         written = tuple(name for name in names if name != DEFAULT_ADAPTER_NAME)
         if DEFAULT_ADAPTER_NAME in names:
@@ -220,6 +241,53 @@ class NamedAdapterWrapper(SteeringWrapper):
                 directory = staging / name
                 directory.mkdir()
             write_steering_files(directory, config, tensors)
+
+    # --- llama.cpp control vectors (docs/control_vectors.md) ------------------------------
+
+    def export_control_vector(
+        self,
+        path: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER_NAME,
+        model_hint: str | None = None,
+    ) -> None:
+        """Write rank-0 adapter ``adapter_name`` as a llama.cpp control vector (GGUF): an f32
+        ``direction.N = scale * vector`` per steered layer N (llama.cpp adds it to layer N's
+        output), ``controlvector.model_hint`` (``model_hint`` or ``config.model_type``) and
+        ``controlvector.layer_count``; written beside ``path``, then renamed into place.
+
+        Raises:
+            ValueError: for an adapter not loaded, of rank >= 1, at a site other than "block"
+                or with a non-zero vector at layer 0, or a bad ``path`` or ``model_hint``.
+        """
+        self._check_loaded("adapter_name", adapter_name)
+        hint = control_vector_model_hint(self.base_model, model_hint)
+        config, tensors = self.steer_configs[adapter_name], self.steering_tensors(adapter_name)
+        write_control_vector(path, control_vector_directions(config, tensors, adapter_name), hint)
+
+    def load_control_vector(
+        self,
+        path: str | os.PathLike,
+        adapter_name: str,
+        scale: float = 1.0,
+        is_trainable: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        """Load the llama.cpp or repeng control vector at ``path`` as rank-0 adapter
+        ``adapter_name`` (as ``load_adapter``): a vector at site "block" of each layer the file
+        has a direction for, at strength ``scale``; frozen unless ``is_trainable``.
+
+        Raises:
+            ValueError: as ``add_adapter``, and for a file that is not a control vector or is
+                for another hidden size or more layers. Nothing is loaded then.
+        """
+        check_is_trainable(is_trainable)
+        num_layers = len(self.base_model.get_submodule(self.layers_name))
+        hidden_size = model_hidden_size(self.base_model)
+        config, tensors = control_vector_steering(path, hidden_size, num_layers, scale, backend)
+        self._add_adapter(adapter_name, config)
+        self.load_steering_tensors(tensors, adapter_name)
+        for module in [] if is_trainable else self._adapter_modules(adapter_name):
+            module.requires_grad_(False)
 
     # --- running ----------------------------------------------------------------------------
 

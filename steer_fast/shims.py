@@ -1,12 +1,14 @@
-"""What steer_fast relies on in transformers, PEFT and the Trainer beyond their documented API.
+"""What steer_fast relies on in transformers, PEFT, the Trainer and bitsandbytes beyond their
+documented API.
 
 Everything here reads or calls something that belongs to another library and may change with
 its version: a private attribute, a wrapper recognised by its code name, a state-dict naming
-convention. Keeping it in one module means one place to read against a new version, and
-``tests/test_shims.py`` (``tests/test_shims_distributed.py`` for TRL, accelerate's FSDP plugin
-and the Trainer's DDP settings) checks each function against the installed versions (a test
-there fails when the behaviour a shim relies on changes). Nothing here imports transformers,
-PEFT or TRL: the shims look at the objects they are given, so importing steer_fast stays light.
+convention, a storage layout. Keeping it in one module means one place to read against a new
+version, and ``tests/test_shims.py`` (``tests/test_shims_distributed.py`` for TRL, accelerate's
+FSDP plugin and the Trainer's DDP settings) checks each function against the installed versions
+(a test there fails when the behaviour a shim relies on changes). Nothing here imports
+transformers, PEFT, TRL or bitsandbytes: the shims look at the objects they are given, so
+importing steer_fast stays light.
 """
 
 from __future__ import annotations
@@ -144,6 +146,33 @@ def peft_adapter_layers_enabled(model: nn.Module) -> bool:
         for module in model.modules()
         if isinstance(getattr(module, "lora_B", None), nn.ModuleDict)
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# bitsandbytes
+# ----------------------------------------------------------------------------------------------
+
+# The class of bitsandbytes' 4-bit weights (bitsandbytes.nn.Params4bit), recognised by its name
+# as PEFT recognises it, so that counting parameters imports nothing.
+BNB_4BIT_PARAMETER_CLASS = "Params4bit"
+
+
+def parameter_count(parameter: torch.Tensor) -> int:
+    """The number of values ``parameter`` stands for, as PEFT's ``get_nb_trainable_parameters``
+    counts them.
+
+    Its ``numel()``, except that a bitsandbytes 4-bit weight (``Params4bit``) packs its values
+    two to a byte into elements of its storage dtype (``bnb_4bit_quant_storage``, uint8 by
+    default), so that it holds ``2 * element_size()`` values per element, whatever layout
+    bitsandbytes repacks it into for the CPU on its first forward; and a parameter DeepSpeed
+    ZeRO-3 has partitioned away (numel 0) counts its ``ds_numel``.
+    """
+    count = parameter.numel()
+    if count == 0 and hasattr(parameter, "ds_numel"):
+        count = int(parameter.ds_numel)
+    if type(parameter).__name__ == BNB_4BIT_PARAMETER_CLASS:
+        count *= 2 * parameter.element_size()
+    return count
 
 
 # ----------------------------------------------------------------------------------------------

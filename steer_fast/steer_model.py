@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -29,6 +28,7 @@ from .constants import (
     is_steering_parameter,
 )
 from .distributed import is_main_process as default_is_main_process
+from .hub import resolve_adapter
 from .injection import (
     SteeredBlock,
     apply_steering_plan,
@@ -38,8 +38,9 @@ from .injection import (
     remove_steering,
     steered_blocks,
 )
+from .model_card import card_contents, save_with_model_card
 from .named_adapters import NamedAdapterWrapper
-from .saving.atomic import save_directory_atomically
+from .push import PushToHubMixin
 from .saving.state import (
     check_is_trainable,
     raise_if_different,
@@ -49,7 +50,7 @@ from .saving.state import (
 from .saving.steering_files import read_all_steering, split_named_state
 
 
-class SteerModel(NamedAdapterWrapper):
+class SteerModel(NamedAdapterWrapper, PushToHubMixin):
     """A transformers model with post-block steering adapters, in the manner of a PeftModel.
 
     Build it with ``get_steer_model(model, config)``. Calls go to the wrapped model (``forward``
@@ -61,7 +62,9 @@ class SteerModel(NamedAdapterWrapper):
     in PEFT: see ``steer_fast.wrapper``. Further named adapters (``add_adapter``,
     ``load_adapter``, ``set_adapter``, ``delete_adapter``) and mixed batches
     (``adapter_names=`` and ``steering_scales=`` in forward and generate): see
-    ``steer_fast.named_adapters``.
+    ``steer_fast.named_adapters``. ``save_pretrained`` writes a model card (README.md) too;
+    ``push_to_hub`` uploads what it writes; ``from_pretrained`` and ``load_adapter`` take Hub
+    repo ids (``steer_fast.hub``), and ``AutoSteerModelForCausalLM`` loads the base model too.
 
     Args:
         model: a transformers model (any module whose decoder layers
@@ -163,7 +166,9 @@ class SteerModel(NamedAdapterWrapper):
     ) -> None:
         """Write steer_config.json and steer_model.safetensors to ``save_directory``: the
         default adapter's at the top, every other adapter's in a subfolder of its name (as
-        PEFT does); ``selected_adapters`` (default: all) chooses which.
+        PEFT does); ``selected_adapters`` (default: all) chooses which. A model card, README.md
+        (``steer_fast.model_card``), describes them; an existing README.md there is updated
+        (its metadata merged, steer_fast's section rewritten), not replaced.
 
         The files are written to a new directory beside it, which then takes its place in one
         rename; other files in an existing ``save_directory`` are carried over. A failed save
@@ -176,8 +181,12 @@ class SteerModel(NamedAdapterWrapper):
         files, written = self._adapter_files(selected_adapters)
         if not (default_is_main_process() if is_main_process is None else is_main_process):
             return
-        save_directory_atomically(
-            save_directory, lambda staging: self._write_adapter_files(staging, files), written
+        contents = card_contents(self.base_model, {name: c for name, (c, _) in files.items()})
+        save_with_model_card(
+            save_directory,
+            lambda staging: self._write_adapter_files(staging, files),
+            written,
+            contents,
         )
 
     @classmethod
@@ -187,8 +196,11 @@ class SteerModel(NamedAdapterWrapper):
         save_directory: str | os.PathLike,
         is_trainable: bool = False,
         backend: str | None = None,
+        **hub_kwargs: Any,
     ) -> SteerModel:
-        """Steer ``model`` with the adapters saved in ``save_directory``.
+        """Steer ``model`` with the adapters saved in ``save_directory``: a folder, or a Hub repo
+        id (``hub_kwargs``: ``revision``, ``subfolder``, ``token``, ``cache_dir``,
+        ``local_files_only``; see ``steer_fast.hub``; a local folder that exists wins).
 
         ``save_directory`` is a ``save_pretrained`` directory, whose top-level (default)
         adapter is loaded (``load_adapter`` adds the others, from their subfolders, as in
@@ -201,12 +213,14 @@ class SteerModel(NamedAdapterWrapper):
 
         Raises:
             ValueError: if the directory holds no valid adapter, or one saved for another
-                hidden size or layer count.
+                hidden size or layer count; naming ``save_directory`` for a Hub repo that
+                cannot be had (offline and not cached, not found).
         """
         check_is_trainable(is_trainable)
+        directory = resolve_adapter(save_directory, "save_directory", **hub_kwargs)
         adapters = {
             name: (with_backend(config, backend), tensors)
-            for name, (config, tensors) in read_all_steering(Path(save_directory)).items()
+            for name, (config, tensors) in read_all_steering(directory).items()
         }
         config, tensors = adapters.pop(DEFAULT_ADAPTER_NAME)
         if adapters:

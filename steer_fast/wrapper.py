@@ -46,7 +46,7 @@ from .modules import Steering
 from .ops.checks import check_scale
 from .saving.legacy import is_legacy_format, upgrade_state_dict_keys
 from .saving.state import decode_state, encode_state, is_adapter_key
-from .shims import trl_fused_lm_head
+from .shims import parameter_count, trl_fused_lm_head
 
 if TYPE_CHECKING:
     from .config import SteerConfig
@@ -186,12 +186,15 @@ class SteeringWrapper(nn.Module):
     # --- parameters ------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters)."""
+        """(trainable parameters, all parameters), counted as PEFT counts them: a
+        bitsandbytes 4-bit weight counts the values it packs, not its storage elements
+        (``shims.parameter_count``), so a 4-bit model counts as many parameters as unquantized."""
         trainable = total = 0
         for parameter in self.parameters():
-            total += parameter.numel()
+            count = parameter_count(parameter)
+            total += count
             if parameter.requires_grad:
-                trainable += parameter.numel()
+                trainable += count
         return trainable, total
 
     def _trainable_line(self, detail: str = "") -> str:

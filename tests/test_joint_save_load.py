@@ -17,6 +17,7 @@ from tiny_models import random_input_ids, randomize_trainable, tiny_causal_lm
 
 INPUT_IDS = random_input_ids(2, 7)
 JOINT_FILES = [
+    "README.md",  # the model card (tests/test_model_card.py)
     "adapter_config.json",
     "adapter_model.safetensors",
     "joint_config.json",
@@ -129,8 +130,10 @@ def test_save_replaces_an_existing_directory_and_keeps_other_files(tmp_path):
     model = trained(scale=0.25)
     model.save_pretrained(target)
     files = tree(target)
-    assert files["README.md"] == b"notes" and files["runs/log.txt"] == b"log"
-    assert sorted(name for name in files if "/" not in name) == sorted([*JOINT_FILES, "README.md"])
+    # The README is the model card: updated, its author's text kept.
+    assert files["README.md"].decode().split("---\n", 2)[2].startswith("notes\n")
+    assert files["runs/log.txt"] == b"log"
+    assert sorted(name for name in files if "/" not in name) == JOINT_FILES
     assert json.loads(files["steer_config.json"])["scale"] == 0.25
     assert sorted(os.listdir(tmp_path)) == ["joint"]
 

@@ -3,6 +3,7 @@ model is touched, and a save that never leaves a half-written directory in place
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -59,6 +60,7 @@ def test_save_and_load_give_identical_logits(tmp_path, family, overrides):
     model.save_pretrained(tmp_path / "adapter")
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directory left
     assert sorted(os.listdir(tmp_path / "adapter")) == [
+        "README.md",  # the model card (tests/test_model_card.py)
         "steer_config.json",
         "steer_model.safetensors",
     ]
@@ -208,3 +210,23 @@ def test_saving_onto_a_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         trained().save_pretrained(path)
     assert path.read_text() == "not a directory"
+
+
+def test_an_adapter_saved_switched_off_loads_switched_off_and_the_save_says_so(tmp_path):
+    """The scale is part of the adapter: ``set_scale(0.0)`` then ``save_pretrained`` saves an
+    adapter that loads off, with a warning saying how to switch off without saving it."""
+    model = trained()
+    on = logits(model)
+    model.set_scale(0.0)
+    with pytest.warns(UserWarning, match=r"\['default'\] with scale 0.0.*disable_adapter"):
+        model.save_pretrained(tmp_path / "off")
+    assert json.loads((tmp_path / "off" / "steer_config.json").read_text())["scale"] == 0.0
+    loaded = SteerModel.from_pretrained(tiny_causal_lm("llama"), tmp_path / "off")
+    torch.testing.assert_close(logits(loaded), logits(tiny_causal_lm("llama")), rtol=0, atol=0)
+    # disable_adapter() switches off without changing what is saved: no warning then.
+    model.set_scale(1.0)
+    with model.disable_adapter(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_pretrained(tmp_path / "on")
+    loaded = SteerModel.from_pretrained(tiny_causal_lm("llama"), tmp_path / "on")
+    torch.testing.assert_close(logits(loaded), on, rtol=0, atol=0)

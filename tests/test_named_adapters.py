@@ -105,7 +105,7 @@ def test_save_writes_the_default_at_the_top_and_the_others_in_subfolders(tmp_pat
         torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
 
     model.save_pretrained(tmp_path / "some", selected_adapters=["narrow"])
-    assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["narrow"]
+    assert sorted(p.name for p in (tmp_path / "some").iterdir()) == ["README.md", "narrow"]
     trainable = get_steer_model(tiny_causal_lm("llama"), DEFAULT)
     trainable.load_adapter(tmp_path / "some" / "narrow", "narrow", is_trainable=True)
     assert any(p.requires_grad for p in trainable._adapter_modules("narrow")[0].parameters())

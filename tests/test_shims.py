@@ -8,6 +8,7 @@ import transformers
 from torch import nn
 
 from steer_fast.shims import (
+    BNB_4BIT_PARAMETER_CLASS,
     FORWARD_HOOK_DICTS,
     MIN_TRANSFORMERS_MAJOR_FOR_FUSING,
     PEFT_MODEL_PREFIX,
@@ -15,6 +16,7 @@ from steer_fast.shims import (
     checkpointing_active,
     layer_forward_function,
     lora_b_weight,
+    parameter_count,
     peft_adapter_layers_enabled,
     share_forward_hooks,
     trainer_accumulation_steps,
@@ -26,7 +28,9 @@ from tiny_models import (
     TokenDataset,
     capture_layer_calls,
     decoder_layers,
+    quantized_causal_lm,
     random_input_ids,
+    save_tiny_causal_lm,
     tiny_causal_lm,
 )
 
@@ -198,3 +202,34 @@ def test_checkpointed_call_clears_every_cache_name_transformers_clears():
         layer, lambda x, **kwargs: seen.update(kwargs), (torch.ones(2),), dict.fromkeys(cleared, 1)
     )
     assert all(seen[name] is None for name in cleared), seen
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_a_4bit_weight_packs_two_values_per_byte_of_its_storage(tmp_path, storage):
+    """parameter_count relies on bitsandbytes' 4-bit weight being a tensor of class Params4bit
+    holding 2 * element_size() values per element, before and after its CPU repacking."""
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Params4bit
+
+    original = save_tiny_causal_lm("llama", tmp_path)
+    model = quantized_causal_lm(tmp_path, 4, bnb_4bit_quant_storage=storage)
+    shapes = {name: p.shape for name, p in original.named_parameters()}
+    quantized = {n: p for n, p in model.named_parameters() if isinstance(p, Params4bit)}
+    assert quantized and type(next(iter(quantized.values()))).__name__ == BNB_4BIT_PARAMETER_CLASS
+    # The first forward repacks every 4-bit weight for the CPU kernels, as uint8.
+    for dtype in (storage, torch.uint8):
+        for name, parameter in quantized.items():
+            assert parameter.dtype == dtype
+            assert parameter.numel() < shapes[name].numel()
+            assert parameter_count(parameter) == shapes[name].numel(), name
+        with torch.no_grad():
+            model(input_ids=INPUT_IDS)
+    others = [p for p in model.parameters() if not isinstance(p, Params4bit)]
+    assert all(parameter_count(p) == p.numel() for p in others)
+
+
+def test_a_parameter_deepspeed_partitioned_counts_its_ds_numel():
+    parameter = nn.Parameter(torch.empty(0))
+    parameter.ds_numel = 12
+    assert parameter_count(parameter) == 12
+    assert parameter_count(nn.Parameter(torch.ones(3, 4))) == 12

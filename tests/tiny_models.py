@@ -320,3 +320,32 @@ def char_tokenizer(lowercase: bool = False) -> transformers.PreTrainedTokenizerF
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+# bitsandbytes' CPU kernels need in_features of at least its 4-bit block size (64).
+QUANTIZED_HIDDEN_SIZE = 64
+
+
+def save_tiny_causal_lm(family: str, directory, **kwargs) -> transformers.PreTrainedModel:
+    """Save tiny_causal_lm(family, hidden_size=QUANTIZED_HIDDEN_SIZE, **kwargs) to ``directory``
+    (for quantized_causal_lm to load); returns the unquantized model."""
+    model = tiny_causal_lm(family, hidden_size=QUANTIZED_HIDDEN_SIZE, **kwargs)
+    model.save_pretrained(directory)
+    return model
+
+
+def quantized_causal_lm(directory, bits: int = 4, **options) -> transformers.PreTrainedModel:
+    """The model saved in ``directory`` loaded by transformers with bitsandbytes quantization
+    (``bits`` 4: nf4, or 8; ``options`` go to BitsAndBytesConfig), on the CPU, in eval mode."""
+    if bits == 4:
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", **options
+        )
+    elif bits == 8:
+        quantization = transformers.BitsAndBytesConfig(load_in_8bit=True, **options)
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=quantization, device_map="cpu"
+    )
+    return model.eval()

@@ -3,7 +3,8 @@
 ``find_decoder_layers(model)`` returns the ModuleList of decoder layers steer_fast steers (and
 its name in the model): the list whose layers are all of a class the model names in
 ``_no_split_modules``, else a list at a usual place. ``model_hidden_size`` reads the width of the
-residual stream from the model's config (or its input embeddings).
+residual stream from the model's config (or its input embeddings); ``base_model_reference`` the
+name and revision a steering config records of the model.
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def model_hidden_size(model: nn.Module) -> int:
         f"cannot tell the hidden size of {type(model).__name__}: it has neither "
         "config.hidden_size nor input embeddings"
     )
+
+
+def base_model_reference(model: nn.Module) -> tuple[str | None, str | None]:
+    """(name_or_path, revision) of a transformers model, as an adapter records its base: the
+    ``name_or_path`` ``from_pretrained`` gave it (a Hub id or a local path; None for a model built
+    from a config, whose name is ""), and the commit of the Hub snapshot it came from where the
+    config keeps one (``_commit_hash``, transformers 4; transformers 5 keeps none: None)."""
+    config = getattr(model, "config", None)
+    name = model.__dict__.get("name_or_path", None) or getattr(config, "name_or_path", None)
+    if not isinstance(name, str) or not name:
+        return None, None
+    revision = getattr(config, "_commit_hash", None)
+    return name, revision if isinstance(revision, str) and revision else None
 
 
 def first_floating(module: nn.Module) -> torch.Tensor | None:

@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 from ..config import SteerConfig
-from ..constants import PATH_FUSED, PATH_PLAIN
+from ..constants import BASE_MODEL_FIELDS, PATH_FUSED, PATH_PLAIN
 from ..modules import make_steering
 from ..ops import TORCH_DTYPES, resolve_backend
 from ..shims import layer_forward_function
 from .families import branch_end_paths, check_fused_layer, family_for
-from .layers import find_decoder_layers, first_floating, layer_device, model_hidden_size
+from .layers import (
+    base_model_reference,
+    find_decoder_layers,
+    first_floating,
+    layer_device,
+    model_hidden_size,
+)
 from .steered_block import LayerPlan, SteeredBlock
 
 
@@ -32,7 +38,7 @@ class SteeringPlan:
     """Everything ``inject_steering`` will do, decided (and validated) before it does it.
 
     Attributes:
-        config: the config, hidden_size and num_layers filled in.
+        config: the config, hidden_size, num_layers and the base model filled in.
         layers_name: the name of the decoder-layer ModuleList in the model.
         layers: the plan of each steered layer, by index.
         dtype: the adapters' dtype.
@@ -42,6 +48,19 @@ class SteeringPlan:
     layers_name: str
     layers: tuple[LayerPlan, ...]
     dtype: torch.dtype
+
+
+def _filled(
+    config: SteerConfig, model: nn.Module, hidden_size: int, num_layers: int
+) -> SteerConfig:
+    """``config`` with the model's hidden size and layer count, and, where it names no base
+    model, the model's name (and revision, unless the config names one): see
+    ``base_model_reference``."""
+    base = {}
+    if config.base_model_name_or_path is None:
+        name, revision = base_model_reference(model)
+        base = dict(zip(BASE_MODEL_FIELDS, (name, config.revision or revision), strict=True))
+    return dataclasses.replace(config, hidden_size=hidden_size, num_layers=num_layers, **base)
 
 
 def _check_config(config: object) -> SteerConfig:
@@ -98,7 +117,7 @@ def plan_steering(model: nn.Module, config: SteerConfig) -> SteeringPlan:
         resolve_backend(torch.empty(0, dtype=dtype, device=device), config.backend)
 
     plans = [_plan_layer(index, layers[index], config) for index in indices]
-    filled = dataclasses.replace(config, hidden_size=hidden_size, num_layers=len(layers))
+    filled = _filled(config, model, hidden_size, len(layers))
     return SteeringPlan(filled, layers_name, tuple(plans), dtype)
 
 
@@ -156,7 +175,7 @@ class NamedAdapterPlan:
     """Everything ``apply_named_adapter`` will do for one more named adapter on a steered model.
 
     Attributes:
-        config: the adapter's config, hidden_size and num_layers filled in.
+        config: the adapter's config, hidden_size, num_layers and the base model filled in.
         dtype: the adapter's dtype.
         new_layers: plans of the layers the adapter steers that have no SteeredBlock yet.
         branch_ends: layer index -> site -> branch module path, for the plain-path blocks whose
@@ -224,7 +243,7 @@ def plan_named_adapter(model: nn.Module, layers_name: str, config: SteerConfig) 
                     "is not in the family table, so its branch outputs are unknown"
                 )
             branch_ends[index] = {site: ends[site] for site in missing}
-    filled = dataclasses.replace(config, hidden_size=hidden_size, num_layers=len(layers))
+    filled = _filled(config, model, hidden_size, len(layers))
     return NamedAdapterPlan(filled, dtype, tuple(new_layers), branch_ends)
 
 

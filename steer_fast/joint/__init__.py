@@ -5,6 +5,7 @@
   change;
 - ``constraint``: the orthogonality constraint, layer by layer;
 - ``files``: PEFT's files beside steer_fast's, and Trainer checkpoints;
+- ``modes``: which parts run (InferenceMode), and the SteerModel verbs a JointModel refuses;
 - ``model``: JointModel and get_joint_model;
 - ``trainer``: JointTrainer (imports transformers' Trainer, so it is not imported here).
 

@@ -31,7 +31,9 @@ from peft import LoraConfig, PeftConfig, set_peft_model_state_dict
 
 from ..config import SteerConfig, check_format_version
 from ..constants import (
+    BASE_MODEL_FIELDS,
     CONFIG_NAME,
+    DEFAULT_ADAPTER_NAME,
     JOINT_CONFIG_NAME,
     JOINT_FORMAT_VERSION,
     JOINT_TYPE,
@@ -40,6 +42,7 @@ from ..constants import (
     TRAINER_WEIGHTS_NAME,
     WEIGHTS_NAME,
 )
+from ..model_card import CardContents, card_contents
 from ..saving.legacy import is_legacy_format, upgrade_state_dict_keys
 from ..saving.state import check_directory, read_json_object, read_tensors, read_trainer_checkpoint
 from ..saving.steering_files import read_steering_files
@@ -156,11 +159,15 @@ def read_orthogonality(values: dict[str, Any]) -> OrthogonalityConfig:
 
 
 def peft_config_to_save(
-    lora_config: LoraConfig, model: torch.nn.Module
+    lora_config: LoraConfig, model: torch.nn.Module, steer_config: SteerConfig | None = None
 ) -> tuple[LoraConfig, dict[str, str] | None]:
     """The LoRA config as PeftModel.save_pretrained writes it: inference_mode on, the base
-    model's name filled in, and the model class for a config without task_type."""
+    model's name and revision filled in (where PEFT left them None: from ``steer_config``'s
+    record, else the model's name), and the model class for a config without task_type."""
     config = copy.deepcopy(lora_config)
+    for name in BASE_MODEL_FIELDS if steer_config is not None else ():
+        if getattr(config, name, None) is None:
+            setattr(config, name, getattr(steer_config, name))
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = model.__dict__.get("name_or_path", None) or None
     config.inference_mode = True
@@ -171,6 +178,22 @@ def peft_config_to_save(
             "parent_library": type(model).__module__,
         }
     return config, auto_mapping
+
+
+def joint_card_contents(joint: SteeringWrapper) -> CardContents:
+    """What the model card of a JointModel's save says: its steering adapter, LoRA part and
+    orthogonality settings."""
+    lora = joint.lora_config
+    settings = {"r": lora.r, "lora_alpha": lora.lora_alpha}
+    targets = lora.target_modules
+    settings["target_modules"] = sorted(targets) if isinstance(targets, set) else targets
+    settings.update({name: True for name in ("use_rslora", "use_dora") if getattr(lora, name)})
+    return card_contents(
+        joint.get_base_model(),
+        {DEFAULT_ADAPTER_NAME: joint.steer_config},
+        lora=settings,
+        orthogonality=joint.orthogonality.to_dict(),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,8 +46,10 @@ from ..constants import (
     is_steering_parameter,
 )
 from ..distributed import is_main_process as default_is_main_process
+from ..hub import resolve_adapter
 from ..injection import apply_steering_plan, remove_steering
-from ..saving.atomic import save_directory_atomically
+from ..model_card import save_with_model_card
+from ..push import PushToHubMixin
 from ..saving.state import (
     check_is_trainable,
     raise_if_different,
@@ -57,60 +59,25 @@ from ..saving.state import (
 )
 from ..saving.steering_files import write_steering_files
 from ..shims import peft_adapter_layers_enabled
-from ..wrapper import AdapterSwitch, SteeringWrapper, full_tensor
+from ..wrapper import SteeringWrapper, full_tensor
 from .constraint import LORA_ADAPTER_NAME, OrthogonalityConstraint
 from .files import (
     JOINT_FILES,
     KeyMap,
     check_joint_values,
+    joint_card_contents,
     lora_config_dict,
     lora_differences,
     peft_config_to_save,
     read_saved_joint,
 )
+from .modes import InferenceMode, refusal
 from .orthogonality import OrthogonalityConfig
 from .parameter_groups import part_parameter_groups
 from .plan import ModelSnapshot, plan_joint
 
-INFERENCE_MODES: tuple[str, ...] = ("lora_only", "adapter_only", "all")
 
-
-_ONE_ADAPTER = (
-    "{verb}: a JointModel holds one steering adapter and one LoRA adapter; named adapters and "
-    "mixed batches are SteerModel's (get_steer_model / from_pretrained)"
-)
-
-
-def _refusal(verb: str) -> Any:
-    """A JointModel method ``verb`` that raises NotImplementedError saying why."""
-
-    def refuse(self: JointModel, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(_ONE_ADAPTER.format(verb=verb))
-
-    refuse.__name__ = verb
-    refuse.__doc__ = f"Not supported here: {verb} is SteerModel's (see ``_ONE_ADAPTER``)."
-    return refuse
-
-
-class InferenceMode(AdapterSwitch):
-    """The result of ``JointModel.set_inference_mode``: the parts ``mode`` names run from when
-    it is returned; used as a context manager, it puts the previous state of both parts back on
-    exit."""
-
-    def __init__(self, model: JointModel, mode: str) -> None:
-        if not isinstance(mode, str) or mode not in INFERENCE_MODES:
-            raise ValueError(f"mode must be one of {INFERENCE_MODES}, got {mode!r}")
-        self.mode = mode
-        super().__init__(
-            model,
-            lambda: model._set_parts(steering=mode != "lora_only", lora=mode != "adapter_only"),
-        )
-
-    def __enter__(self) -> InferenceMode:
-        return self
-
-
-class JointModel(SteeringWrapper):
+class JointModel(SteeringWrapper, PushToHubMixin):
     """A transformers model with PEFT LoRA and post-block steering, trained together.
 
     Build it with ``get_joint_model``. ``peft_model`` is the PeftModel holding the LoRA part;
@@ -370,10 +337,10 @@ class JointModel(SteeringWrapper):
 
     # SteerModel's verbs, refused here rather than reaching the transformers model's namesakes.
 
-    add_adapter = _refusal("add_adapter")
-    load_adapter = _refusal("load_adapter")
-    set_adapter = _refusal("set_adapter")
-    delete_adapter = _refusal("delete_adapter")
+    add_adapter = refusal("add_adapter")
+    load_adapter = refusal("load_adapter")
+    set_adapter = refusal("set_adapter")
+    delete_adapter = refusal("delete_adapter")
 
     def _lora_tensors(self) -> dict[str, torch.Tensor]:
         """PEFT's adapter state dict, with the keys of the model without steering."""
@@ -389,7 +356,8 @@ class JointModel(SteeringWrapper):
         """Write both parts to ``save_directory`` (see ``steer_fast.joint.files``): PEFT's
         adapter_config.json and adapter_model.safetensors (``peft.PeftModel.from_pretrained``
         loads the LoRA part alone), steer_fast's steer_config.json and steer_model.safetensors,
-        and joint_config.json with the orthogonality settings.
+        and joint_config.json with the orthogonality settings; and a model card, README.md
+        (``steer_fast.model_card``: an existing one is updated, not replaced).
 
         The files are written to a new directory beside it, which then takes its place in one
         rename; other files in an existing ``save_directory`` are carried over. A failed save
@@ -401,7 +369,9 @@ class JointModel(SteeringWrapper):
         steering_tensors = self.steering_tensors()
         if not (default_is_main_process() if is_main_process is None else is_main_process):
             return
-        peft_config, auto_mapping = peft_config_to_save(self.lora_config, self.get_base_model())
+        peft_config, auto_mapping = peft_config_to_save(
+            self.lora_config, self.get_base_model(), self.steer_config
+        )
         joint_text = json.dumps(self._joint_values(), indent=2, sort_keys=True) + "\n"
 
         def write(staging: Path) -> None:
@@ -410,7 +380,7 @@ class JointModel(SteeringWrapper):
             write_steering_files(staging, self.steer_config, steering_tensors)
             (staging / JOINT_CONFIG_NAME).write_text(joint_text, encoding="utf-8")
 
-        save_directory_atomically(save_directory, write, JOINT_FILES)
+        save_with_model_card(save_directory, write, JOINT_FILES, joint_card_contents(self))
 
     @classmethod
     def from_pretrained(
@@ -419,11 +389,13 @@ class JointModel(SteeringWrapper):
         save_directory: str | os.PathLike,
         is_trainable: bool = False,
         backend: str | None = None,
+        **hub_kwargs: Any,
     ) -> JointModel:
         """Put the LoRA and steering saved in ``save_directory`` on ``model``.
 
-        ``save_directory`` is a ``save_pretrained`` directory or a transformers Trainer
-        checkpoint of a JointModel. Everything that can be checked before ``model`` is touched
+        ``save_directory`` is a ``save_pretrained`` directory, a Hub repo id of one
+        (``hub_kwargs``: ``steer_fast.hub.HubKwargs``) or a transformers Trainer checkpoint of
+        a JointModel. Everything that can be checked before ``model`` is touched
         is; if loading the weights fails afterwards, ``model`` is put back as it was. With
         ``is_trainable=False`` (PEFT's default) both parts are frozen and the model is put in
         eval mode. ``backend`` overrides the saved steering backend.
@@ -433,7 +405,7 @@ class JointModel(SteeringWrapper):
                 ``model``.
         """
         check_is_trainable(is_trainable)
-        saved = read_saved_joint(Path(save_directory))
+        saved = read_saved_joint(resolve_adapter(save_directory, "save_directory", **hub_kwargs))
         snapshot = ModelSnapshot(model) if isinstance(model, nn.Module) else None
         steer_config = with_backend(saved.steer_config, backend)
         joint = cls(model, steer_config, saved.lora_config, saved.orthogonality)

@@ -25,6 +25,8 @@ from ..config import SteerConfig
 from ..constants import EXTRA_STATE_KEY, TRAINER_WEIGHTS_NAME
 
 # The SteerConfig fields a loaded state must agree on (the scale may differ: it is taken over).
+# The base model's name and revision (constants.BASE_MODEL_FIELDS) are a record, not compared: an
+# adapter loads onto any base of the right shape, a local copy or a quantized one included.
 STEER_STRUCTURE = ("rank", "activation", "bias", "site", "layers", "hidden_size", "num_layers")
 
 
