@@ -112,6 +112,10 @@ def test_run_writes_json_markdown_and_plots(tiny_run):
         assert heading in report
     for method in TRAINING_METHODS.values():
         assert method.label in report
+    # A --quick run says first that its few repeats cannot rank methods a few percent apart,
+    # and which activation it steered with.
+    assert report.index("this is a --quick run") < report.index("## Headline")
+    assert "Steering activation: silu (SteerConfig()'s default" in report
 
 
 def test_records_have_every_field(tiny_run):

@@ -70,11 +70,24 @@ class _OrthogonalityCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self._projects_down("step", state.global_step):
             self._model.apply_orthogonality()
-        self.trainer._record_overlap(self._model.down_projection_overlap())
+        if "down_projection_overlap" in logged_measures(self._config()):
+            self.trainer._record_overlap(self._model.down_projection_overlap())
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        # After optimizer.step(), before the scheduler moves the rates: the rate this step
+        # used, as the Trainer's own learning_rate log is.
+        self.trainer._record_steer_learning_rate()
         if self._projects_up():
             self._model.apply_orthogonality()
+
+
+def logged_measures(config: Any) -> tuple[str, ...]:
+    """The overlap measures JointTrainer logs under ``config``: the active constraint's own
+    (O for "down_projection", P for "up_projection"), both for "none" (the comparison run)."""
+    return {
+        "down_projection": ("down_projection_overlap",),
+        "up_projection": ("orthogonality_penalty",),
+    }.get(config.constraint, ("down_projection_overlap", "orthogonality_penalty"))
 
 
 class JointTrainer(Trainer):
@@ -87,10 +100,12 @@ class JointTrainer(Trainer):
       ``weight * P``, P counted once per optimizer step whatever the gradient accumulation
       (evaluation losses are task losses); mode "project": ``model.apply_orthogonality()`` runs
       after every optimizer step.
-    - Every constraint: each training log has ``task_loss``, ``orthogonality_penalty`` (P,
-      unweighted) and ``down_projection_overlap`` (O, measured at the start of each optimizer
-      step, after any projection), averaged over the optimizer steps since the last log like
-      ``loss``, and ``steer_learning_rate`` beside ``learning_rate`` (the LoRA part's).
+    - Each training log has ``task_loss``, the active constraint's measure, averaged over the
+      optimizer steps since the last log like ``loss``: ``down_projection_overlap`` (O, at the
+      start of each optimizer step, after any projection) under "down_projection",
+      ``orthogonality_penalty`` (P, unweighted) under "up_projection", both under "none"; and
+      ``steer_learning_rate`` beside ``learning_rate`` (the LoRA part's), both the rates the
+      logged optimizer step used.
     - The optimizer (``args.optim``, AdamW by default) gets one parameter group per part and
       weight-decay class: ``lora_learning_rate`` for the LoRA part and
       ``steer_learning_rate`` for the steering part (each ``args.learning_rate`` when None),
@@ -155,7 +170,16 @@ class JointTrainer(Trainer):
         self._logged_steps = 0.0
         self._logged_overlap = torch.zeros(())
         self._overlap_steps = 0
+        self._steer_learning_rate: float | None = None
         self.add_callback(_OrthogonalityCallback(self))
+
+    def _record_steer_learning_rate(self) -> None:
+        """Keep the steering group's rate of the optimizer step that just ran."""
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                if group.get("name") == "steering":
+                    self._steer_learning_rate = group["lr"]
+                    return
 
     def _record_overlap(self, overlap: torch.Tensor) -> None:
         """Add one optimizer step's O to the sum logged next (on its device: no sync)."""
@@ -218,12 +242,14 @@ class JointTrainer(Trainer):
                 and config.mode == "penalty"
                 and config.weight > 0
             )
-            with contextlib.nullcontext() if adding else torch.no_grad():
-                penalty = joint.orthogonality_loss().to(loss.device)
             task = loss.detach().mean() * (1.0 if scaled else share)
             self._logged_task_loss = self._logged_task_loss.to(task.device) + task
-            self._logged_penalty = self._logged_penalty.to(task.device) + penalty.detach() * share
             self._logged_steps += share
+            if adding or "orthogonality_penalty" in logged_measures(config):
+                with contextlib.nullcontext() if adding else torch.no_grad():
+                    penalty = joint.orthogonality_loss().to(loss.device)
+                logged = self._logged_penalty.to(task.device) + penalty.detach() * share
+                self._logged_penalty = logged
             if adding:
                 # Scaled like the task loss, so that the Trainer's division (if any) leaves
                 # weight * P once per optimizer step.
@@ -241,15 +267,13 @@ class JointTrainer(Trainer):
             self._overlap_steps = 0
         if "loss" in logs and self._logged_steps > 0:
             task = nested_gather(self._logged_task_loss, mode).mean().item()
-            penalty = nested_gather(self._logged_penalty, mode).mean().item()
             logs["task_loss"] = task / self._logged_steps
-            logs["orthogonality_penalty"] = penalty / self._logged_steps
+            if "orthogonality_penalty" in logged_measures(self.model.orthogonality):
+                penalty = nested_gather(self._logged_penalty, mode).mean().item()
+                logs["orthogonality_penalty"] = penalty / self._logged_steps
             self._logged_task_loss = torch.zeros(())
             self._logged_penalty = torch.zeros(())
             self._logged_steps = 0.0
-            if self.optimizer is not None:
-                for group in self.optimizer.param_groups:
-                    if group.get("name") == "steering":
-                        logs["steer_learning_rate"] = group["lr"]
-                        break
+            if self._steer_learning_rate is not None:
+                logs["steer_learning_rate"] = self._steer_learning_rate
         super().log(logs, start_time)

@@ -429,15 +429,23 @@ def noise_warning(records: list[BenchmarkRecord]) -> str | None:
 
 
 def render_report(
-    records: list[BenchmarkRecord], notes: Sequence[str] = (), warnings: Sequence[str] = ()
+    records: list[BenchmarkRecord],
+    notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
+    cautions: Sequence[str] = (),
 ) -> str:
-    """The whole markdown report: ``warnings`` (the machine check's) and the noise warning,
-    the run's context and ``notes``, then each suite's tables."""
+    """The whole markdown report: ``warnings`` (the machine check's), the noise warning and
+    ``cautions`` (what the run's size cannot show), the run's context and ``notes``, then each
+    suite's tables."""
     if not records:
         return "# steer_fast benchmarks\n\nNo records.\n"
     first = records[0]
     m = next((r for r in records if r.suite != "kernel"), first)
-    found = [*(f"the machine was busy: {w}" for w in warnings), noise_warning(records)]
+    found = [
+        *(f"the machine was busy: {w}" for w in warnings),
+        noise_warning(records),
+        *cautions,
+    ]
     parts = ["# steer_fast benchmarks"]
     parts += [f"> **Warning:** {w}." for w in found if w]
     parts.append(

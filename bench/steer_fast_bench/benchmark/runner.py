@@ -111,6 +111,14 @@ def describe_run(settings: BenchmarkSettings) -> str:
     )
 
 
+# What a --quick report says first: its few repeats cannot rank methods a few percent apart.
+QUICK_CAUTION = (
+    "this is a --quick run (a smoke test): with 3 to 5 repeats per cell, differences of a few "
+    "percent between methods are within the noise, so its ratios do not rank methods that "
+    "close; the default or --full run has the repeats to"
+)
+
+
 def activation_note(activation: str) -> str:
     """What the report says after the steering activation: whether it is SteerConfig()'s."""
     if activation == DEFAULT_ACTIVATION:
@@ -252,7 +260,10 @@ def run_benchmarks(settings: BenchmarkSettings, progress: bool = True) -> Benchm
             bar.close()
         torch.set_num_threads(threads_before)
     report = render_report(
-        records, run_notes(settings, host_allocator, machine), warnings=machine.warnings()
+        records,
+        run_notes(settings, host_allocator, machine),
+        warnings=machine.warnings(),
+        cautions=[QUICK_CAUTION] if settings.size == "quick" else [],
     )
     out = Path(settings.out)
     save_records(out / "results.json", records)
