@@ -77,5 +77,6 @@ def load_control_vector(
     steered = SteerModel(model, config)
     steered.load_steering_tensors(tensors)
     if not is_trainable:
-        steered._freeze_for_inference()
+        # Everything else of a SteerModel is frozen already: as from_pretrained leaves it.
+        steered.requires_grad_(False).eval()
     return steered

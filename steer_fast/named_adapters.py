@@ -286,8 +286,9 @@ class NamedAdapterWrapper(SteeringWrapper):
         config, tensors = control_vector_steering(path, hidden_size, num_layers, scale, backend)
         self._add_adapter(adapter_name, config)
         self.load_steering_tensors(tensors, adapter_name)
-        for module in [] if is_trainable else self._adapter_modules(adapter_name):
-            module.requires_grad_(False)
+        if not is_trainable:
+            for module in self._adapter_modules(adapter_name):
+                module.requires_grad_(False)
 
     # --- running ----------------------------------------------------------------------------
 
