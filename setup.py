@@ -24,7 +24,10 @@ setup(
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=4.50",
+        # Tested on 5.25 (the documented snippets use its argument names: warmup_steps as a
+        # ratio, activation_checkpointing); below 6, which drops the gradient-checkpointing names
+        # steer_fast.shims reads.
+        "transformers>=4.50,<6",
         "safetensors>=0.4",
         # Hub ids, model cards and push_to_hub (steer_fast.hub, model_card, push).
         "huggingface_hub>=1.0",
