@@ -219,7 +219,9 @@ def test_auto_loads_a_local_base_and_a_joint_folder(cache, tmp_path, base_folder
     # The same folder as a Hub repo, for JointModel.from_pretrained and the Auto class.
     publish(cache, "user/llama-joint", tmp_path / "joint")
     for loaded in (
-        JointModel.from_pretrained(tiny_causal_lm("llama"), "user/llama-joint"),
+        JointModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(base_folder), "user/llama-joint"
+        ),
         AutoSteerModelForCausalLM.from_pretrained("user/llama-joint"),
     ):
         assert isinstance(loaded, JointModel) and torch.equal(logits(loaded), expected)

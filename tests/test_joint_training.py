@@ -12,7 +12,13 @@ from transformers import TrainingArguments
 
 from steer_fast import JointModel, JointTrainer, OrthogonalityConfig, SteerConfig, get_joint_model
 
-from tiny_models import TokenDataset, random_input_ids, randomize_trainable, tiny_causal_lm
+from tiny_models import (
+    TokenDataset,
+    enable_checkpointing,
+    random_input_ids,
+    randomize_trainable,
+    tiny_causal_lm,
+)
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
@@ -224,12 +230,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     expected = gradients()
-    kwargs = {"use_reentrant": reentrant}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers < 5.2x
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(model, use_reentrant=reentrant)
     checkpointed = gradients()
     for name, grad in expected.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)

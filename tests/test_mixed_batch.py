@@ -10,7 +10,13 @@ import torch
 
 from steer_fast import SteerConfig, get_steer_model
 
-from tiny_models import EOS_TOKEN_ID, PAD_TOKEN_ID, random_input_ids, tiny_causal_lm
+from tiny_models import (
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    enable_checkpointing,
+    random_input_ids,
+    tiny_causal_lm,
+)
 
 DEFAULT = SteerConfig(rank=4, backend="torch")
 OTHERS = {
@@ -165,9 +171,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_rows():
         model = steer_model()
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_checkpointing(model, use_reentrant=False)
         input_ids, mask = batch()
         model(
             input_ids=input_ids, attention_mask=mask, adapter_names=ROWS, labels=input_ids

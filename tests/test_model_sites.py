@@ -18,6 +18,7 @@ from tiny_models import (
     PAD_TOKEN_ID,
     TokenDataset,
     decoder_layers,
+    enable_checkpointing,
     random_input_ids,
     randomize_adapters,
     tiny_causal_lm,
@@ -211,8 +212,7 @@ def test_gradient_checkpointing_and_compile(family, site, rank):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     eager = grads(model)
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    (enable or model.gradient_checkpointing_enable)()
+    enable_checkpointing(model)
     checkpointed = grads(model)
     for name in eager:
         torch.testing.assert_close(checkpointed[name], eager[name], rtol=1e-6, atol=1e-7)

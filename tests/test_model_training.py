@@ -18,6 +18,7 @@ from tiny_models import (
     NUM_LAYERS,
     TokenDataset,
     decoder_layers,
+    enable_checkpointing,
     random_input_ids,
     randomize_adapters,
     tiny_causal_lm,
@@ -113,12 +114,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant):
     mlp_calls = []
     mlp = decoder_layers(model.base_model, family)[0].base_layer.mlp
     mlp.register_forward_hook(lambda *args: mlp_calls.append(1))
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    kwargs = {"use_reentrant": reentrant}
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers < 5.2x
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(model, use_reentrant=reentrant)
     checkpointed_loss, checkpointed = _loss_and_grads(model, input_ids)
     assert len(mlp_calls) == 2  # forward, then the recomputation in backward
     torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=0)

@@ -28,6 +28,7 @@ from tiny_models import (
     TokenDataset,
     capture_layer_calls,
     decoder_layers,
+    enable_checkpointing,
     quantized_causal_lm,
     random_input_ids,
     save_tiny_causal_lm,
@@ -35,12 +36,6 @@ from tiny_models import (
 )
 
 INPUT_IDS = random_input_ids(2, 6)
-
-
-def enable_checkpointing(model):
-    """transformers' checkpointing switch (renamed activation_checkpointing_enable in 5.x)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    (enable or model.gradient_checkpointing_enable)()
 
 
 def counting(function, counter):

@@ -214,6 +214,17 @@ def decoder_layers(model: nn.Module, family: str) -> nn.ModuleList:
     return model.get_submodule(LAYERS_PATH[family])
 
 
+def enable_checkpointing(model: nn.Module, **kwargs) -> None:
+    """Turn on transformers' activation checkpointing with ``kwargs`` (e.g. use_reentrant) under
+    the name of the installed version: activation_checkpointing_enable from 5.2x on,
+    gradient_checkpointing_enable (deprecated there) before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs or None)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
 def random_input_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """[batch, length] token ids in 3..VOCAB_SIZE-1 (no pad, bos or eos)."""
     generator = torch.Generator().manual_seed(seed)

@@ -34,9 +34,16 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-@functools.cache
+# torch.compile calls triton_available and _kernels_interpreted while tracing and keeps their
+# answers as constants; traced instead, it would skip the caches below them (and warn).
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether Triton imports here."""
+    return _triton_imports()
+
+
+@functools.cache
+def _triton_imports() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -53,10 +60,13 @@ def kernel_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__package__.rpartition('.')[0]}.kernels.{name}")
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def _kernels_interpreted() -> bool:
-    # An import statement, not importlib: torch.compile traces this function (it ignores the
-    # cache) and cannot trace importlib.import_module.
+    return _kernels_built_interpreted()
+
+
+@functools.cache
+def _kernels_built_interpreted() -> bool:
     from ..kernels.launch import interpreted
 
     return interpreted()
